@@ -1,0 +1,39 @@
+"""Session-scoped fixtures: tiny random checkpoints (made once) and their exported engine directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_KINDS = ("sd1-tiny", "sd2-tiny")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints in the diffusers layout, by kind."""
+    pytest.importorskip("diffusers")
+    from tools.make_models import make_model
+
+    base = tmp_path_factory.mktemp("models")
+    return {kind: make_model(kind, base / kind, seed=0) for kind in TINY_KINDS}
+
+
+@pytest.fixture(scope="session")
+def sd1_model(model_dirs) -> Path:
+    return model_dirs["sd1-tiny"]
+
+
+@pytest.fixture(scope="session")
+def sd2_model(model_dirs) -> Path:
+    return model_dirs["sd2-tiny"]
