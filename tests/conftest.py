@@ -37,3 +37,33 @@ def sd1_model(model_dirs) -> Path:
 @pytest.fixture(scope="session")
 def sd2_model(model_dirs) -> Path:
     return model_dirs["sd2-tiny"]
+
+
+@pytest.fixture(scope="session")
+def engine_dirs(model_dirs, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoints exported once per session (read-only for tests: copy before modifying)."""
+    from sdrt.export import export_model
+
+    base = tmp_path_factory.mktemp("engines")
+    return {kind: (export_model(path, base / kind, progress=False, log=lambda m: None), base / kind)[1]
+            for kind, path in model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def sd1_engine(engine_dirs) -> Path:
+    return engine_dirs["sd1-tiny"]
+
+
+@pytest.fixture(scope="session")
+def sd2_engine(engine_dirs) -> Path:
+    return engine_dirs["sd2-tiny"]
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run `python -m sdrt ARGS` in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "sdrt", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)

@@ -11,6 +11,7 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "scaling_factor": float, "shift_factor": float | null,
         "sample_size": int,           # unet sample_size (latent pixels)
         "default_height": int, "default_width": int,   # sample_size * vae_scale_factor
+        "size_multiple": int,         # heights/widths must be multiples of this: vae_scale_factor * 2**(unet downsamples)
         "image_channels": int,        # vae in_channels / out_channels
         "text_hidden_size": int, "text_max_length": int,
         "pad_token": str, "pad_token_id": int,
@@ -45,7 +46,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 MODEL_KEYS = (
     "latent_channels", "vae_scale_factor", "scaling_factor", "shift_factor", "sample_size",
-    "default_height", "default_width", "image_channels", "text_hidden_size", "text_max_length",
+    "default_height", "default_width", "size_multiple", "image_channels", "text_hidden_size", "text_max_length",
     "pad_token", "pad_token_id", "prediction_type", "scheduler_class",
 )
 
@@ -61,6 +62,7 @@ class ModelNumbers:
     sample_size: int
     default_height: int
     default_width: int
+    size_multiple: int
     image_channels: int
     text_hidden_size: int
     text_max_length: int

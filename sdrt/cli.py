@@ -1,0 +1,91 @@
+"""`sdrt export | build | generate | bench | demo`.
+
+A user error is one line on stderr naming the bad value and what is allowed, and a non-zero exit; no traceback.
+Heavy imports happen inside each command, so `sdrt generate` works on the torch-free base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from sdrt import __version__
+from sdrt.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not usage + error) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _cmd_export(args) -> int:
+    from sdrt.export import export_model
+
+    export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
+                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet)
+    print(args.engine_dir)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a diffusers checkpoint to an ONNX engine directory",
+                       description="Trace text encoder, UNet, VAE decoder and encoder to ONNX, check each against "
+                                   "PyTorch (relative L2 <= 1e-4), and write ENGINE_DIR with its manifest sdrt.json.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format Stable Diffusion checkpoint folder")
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine directory to write")
+    p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (14..20, default 17)")
+    p.add_argument("--components", default=None,
+                   help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder (default: all)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle-based weights (.bin/.ckpt) when no safetensors exist; only for trusted files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
+
+
+# Each entry adds one subcommand; optional ones are skipped when their module is absent in this checkout.
+_COMMANDS: list[Callable] = [_add_export]
+
+
+def _optional_commands() -> list[Callable]:
+    adders = []
+    for module, attr in (("sdrt.engines.cli", "add_subcommand"), ("sdrt.runtime.cli", "add_generate"),
+                         ("sdrt.bench", "add_subcommand"), ("sdrt.demo", "add_subcommand")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("sdrt"):
+                continue
+            raise
+        adders.append(getattr(mod, attr))
+    return adders
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdrt", description="Stable Diffusion deployment engine: export, build, generate, bench.")
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in _COMMANDS + _optional_commands():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

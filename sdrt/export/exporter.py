@@ -1,0 +1,189 @@
+"""`sdrt export`: a diffusers checkpoint -> an ONNX engine directory with a manifest, checked against PyTorch."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sdrt import __version__
+from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_files,
+                                   write_json_atomic)
+
+DEFAULT_OPSET = 17
+# Which diffusers/transformers model each component is traced from.
+SOURCE_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def parse_components(text: str | Sequence[str] | None) -> list[str]:
+    if text is None:
+        return list(COMPONENTS)
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    bad = [n for n in names if n not in COMPONENTS]
+    if bad or not names:
+        raise UserError(f"--components {','.join(bad) or text!r}: choose from {', '.join(COMPONENTS)}")
+    return [c for c in COMPONENTS if c in names]
+
+
+def _require_torch():
+    try:
+        import diffusers  # noqa: F401
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(e.name or "torch", "export", "needed by `sdrt export`") from None
+
+
+def _load_source(ckpt, source: str, allow_pickle: bool):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cls = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
+    kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": torch.float32}
+    return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
+
+
+def _config_digest(ckpt) -> str:
+    h = hashlib.sha256()
+    for cfg in (ckpt.model_index, ckpt.text_config, ckpt.unet_config, ckpt.vae_config, ckpt.scheduler_config):
+        h.update(json.dumps(cfg, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _tool_versions(opset: int) -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"sdrt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": opset}
+
+
+def _shapes(numbers: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(batch, latent_h, latent_w) to trace at, and other sizes to check parity at."""
+    s = numbers["sample_size"]
+    m = numbers["size_multiple"] // numbers["vae_scale_factor"]
+    trace = (2, s, s)
+    lo = s - m if s - m >= m else s + 2 * m
+    check = (1 if s >= 32 else 3, lo, s + m)
+    return trace, check
+
+
+def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
+                 opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
+                 allow_pickle: bool = False, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
+
+    Everything is written into a hidden directory beside ``engine_dir`` and renamed into place at the end,
+    so an export that fails or is killed leaves no half-written engine directory.
+    """
+    from sdrt.export.checkpoint import Checkpoint
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    comps = parse_components(components)
+    if not 14 <= opset <= 20:
+        raise UserError(f"--opset {opset}: choose an opset from 14 to 20 (attention needs 14 or newer)")
+    engine_dir = Path(engine_dir)
+    if engine_dir.exists() and not force:
+        raise UserError(f"{engine_dir} already exists; pass --force to replace it")
+    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    _require_torch()
+
+    import torch
+
+    from sdrt.export.graphs import export_graph, example_inputs, graph_specs
+    from sdrt.export.parity import check_parity
+    from sdrt.export.tokenizer import export_tokenizer
+
+    engine_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine_dir.with_name(f".{engine_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok = export_tokenizer(ckpt.path, tmp / "tokenizer")
+        numbers = ckpt.model_numbers(tok)
+        (tmp / "scheduler").mkdir()
+        shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        specs = graph_specs(numbers)
+        trace_shape, check_shape = _shapes(numbers)
+        vocab = int(ckpt.text_config.get("vocab_size", 49408))
+        entries: dict[str, dict] = {}
+        loaded: dict[str, torch.nn.Module] = {}
+        bar = _progress(comps, progress)
+        for comp in bar:
+            t0 = time.perf_counter()
+            source = SOURCE_OF[comp]
+            if source not in loaded:
+                loaded.clear()
+                gc.collect()
+                loaded[source] = _load_source(ckpt, source, allow_pickle)
+            spec = specs[comp]
+            module = spec.wrap(loaded).eval()
+            _set_postfix(bar, comp, "tracing")
+            graph, data_file = export_graph(
+                spec, module, example_inputs(spec, numbers, *trace_shape, vocab, seed=0), tmp / comp, opset)
+            _set_postfix(bar, comp, "parity")
+            parity = check_parity(
+                comp, graph, module, example_inputs(spec, numbers, *check_shape, vocab, seed=1),
+                [n for n, _, _ in spec.outputs])
+            files = [graph] + ([graph.parent / data_file] if data_file else [])
+            digest, size = sha256_files(files)
+            entries[comp] = {
+                "file": f"{comp}/model.onnx", "data_file": data_file, "sha256": digest, "size_bytes": size,
+                "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
+                "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
+                "parity": parity, "export_s": round(time.perf_counter() - t0, 2),
+            }
+            log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
+                f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
+        loaded.clear()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "source": {"path": str(ckpt.path.resolve()), "pipeline_class": ckpt.model_index.get("_class_name"),
+                       "config_sha256": _config_digest(ckpt)},
+            "model": numbers, "tokenizer": tok, "components": entries, "tools": _tool_versions(opset),
+            "engines": {},
+        }
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _replace_dir(tmp, engine_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` into place; an existing ``target`` (allowed by --force) is moved aside first."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="export", unit="graph", file=sys.stderr, leave=False)
+
+
+def _set_postfix(bar, comp: str, what: str) -> None:
+    if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(f"{comp}: {what}")

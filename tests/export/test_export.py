@@ -1,0 +1,207 @@
+"""`sdrt export` on the tiny SD1- and SD2-style checkpoints: manifest, parity, refusals, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+
+def manifest(engine: Path) -> dict:
+    return json.loads((engine / "sdrt.json").read_text())
+
+
+def test_model_numbers_come_from_the_configs(sd1_engine, sd2_engine, sd1_model, sd2_model):
+    for engine, model in ((sd1_engine, sd1_model), (sd2_engine, sd2_model)):
+        m = manifest(engine)["model"]
+        vae = json.loads((model / "vae" / "config.json").read_text())
+        unet = json.loads((model / "unet" / "config.json").read_text())
+        text = json.loads((model / "text_encoder" / "config.json").read_text())
+        assert m["vae_scale_factor"] == 2 ** (len(vae["block_out_channels"]) - 1)
+        assert m["scaling_factor"] == vae["scaling_factor"]
+        assert m["latent_channels"] == vae["latent_channels"] == unet["in_channels"]
+        assert m["default_height"] == unet["sample_size"] * m["vae_scale_factor"]
+        assert m["text_hidden_size"] == text["hidden_size"]
+        assert m["text_max_length"] == 77
+    sd1, sd2 = manifest(sd1_engine)["model"], manifest(sd2_engine)["model"]
+    # the two tiny models differ exactly where SD1 and SD2 differ (and the VAE block counts differ)
+    assert (sd1["vae_scale_factor"], sd2["vae_scale_factor"]) == (2, 4)
+    assert sd2["scaling_factor"] == pytest.approx(0.13025)
+    assert (sd1["prediction_type"], sd2["prediction_type"]) == ("epsilon", "v_prediction")
+    assert (sd1["pad_token"], sd2["pad_token"]) == ("<|endoftext|>", "!")
+    assert (sd1["pad_token_id"], sd2["pad_token_id"]) == (49407, 0)
+    assert (sd1["scheduler_class"], sd2["scheduler_class"]) == ("PNDMScheduler", "DDIMScheduler")
+
+
+@pytest.mark.parametrize("kind", ["sd1-tiny", "sd2-tiny"])
+def test_every_component_passes_parity_at_untraced_shapes(engine_dirs, kind):
+    m = manifest(engine_dirs[kind])
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, c in m["components"].items():
+        assert c["parity"]["rel_l2"] <= 1e-4, name
+        assert c["parity"]["max_abs"] > 0, f"{name}: parity compared nothing"
+    # parity ran at a batch and size other than the traced ones (batch 2, sample_size)
+    unet_inputs = m["components"]["unet"]["parity"]["inputs"]["sample"]
+    assert unet_inputs[0] != 2 and unet_inputs[2:] != [m["model"]["sample_size"]] * 2
+
+
+@pytest.mark.parametrize("kind", ["sd1-tiny", "sd2-tiny"])
+def test_graphs_have_the_contract_names_and_dynamic_axes(engine_dirs, kind):
+    engine = engine_dirs[kind]
+    m = manifest(engine)
+    expected = {
+        "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+        "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+        "vae_decoder": (["latent_sample"], ["sample"]),
+        "vae_encoder": (["sample"], ["latent_parameters"]),
+    }
+    for name, (ins, outs) in expected.items():
+        c = m["components"][name]
+        model = onnx.load(str(engine / c["file"]), load_external_data=False)
+        assert [i.name for i in model.graph.input] == ins
+        assert [o.name for o in model.graph.output] == outs
+        assert [i["name"] for i in c["inputs"]] == ins
+        first = model.graph.input[0].type.tensor_type.shape.dim
+        assert first[0].dim_param == "batch", f"{name}: batch is not dynamic"
+        if name != "text_encoder":
+            assert first[2].dim_param and first[3].dim_param, f"{name}: height/width are not dynamic"
+        assert c["sha256"] and c["size_bytes"] == (engine / c["file"]).stat().st_size
+
+
+def test_manifest_records_tools_and_source(sd1_engine, sd1_model):
+    m = manifest(sd1_engine)
+    assert m["format"] == "sdrt-engine" and m["format_version"] == 1
+    assert m["tools"]["torch"] == torch.__version__ and m["tools"]["opset"] == 17
+    assert Path(m["source"]["path"]) == sd1_model.resolve()
+    assert (sd1_engine / "tokenizer" / "tokenizer.json").is_file()
+    assert (sd1_engine / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_existing_engine_dir_is_refused_without_force_and_left_untouched(sd1_model, tmp_path):
+    target = tmp_path / "engine"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    r = run_cli("export", sd1_model, target, "-q")
+    assert r.returncode != 0
+    assert "already exists" in r.stderr and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_and_components_subset(sd1_model, tmp_path):
+    target = tmp_path / "engine"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    r = run_cli("export", sd1_model, target, "--force", "-q", "--components", "text_encoder,vae_decoder")
+    assert r.returncode == 0, r.stderr
+    assert not (target / "old.txt").exists()
+    assert set(manifest(target)["components"]) == {"text_encoder", "vae_decoder"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_component_is_named(sd1_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    shutil.rmtree(model / "unet")
+    _one_line_error(run_cli("export", model, tmp_path / "e"), "unet", "missing")
+    assert not (tmp_path / "e").exists()
+
+
+def test_sdxl_is_refused_as_unsupported(sd1_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    _one_line_error(run_cli("export", model, tmp_path / "e"), "second text encoder", "not supported")
+
+
+def test_not_a_checkpoint_and_bad_flags(tmp_path):
+    _one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "e"), "does not exist")
+    _one_line_error(run_cli("export", tmp_path, tmp_path / "e"), "model_index.json")
+
+
+def test_pickle_weights_need_the_explicit_flag(sd1_model, tmp_path):
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    shutil.rmtree(model / "vae")
+    vae.save_pretrained(model / "vae", safe_serialization=False)
+    assert (model / "vae" / "diffusion_pytorch_model.bin").is_file()
+    _one_line_error(run_cli("export", model, tmp_path / "e", "-q"), "pickle", "--allow-pickle")
+    assert not (tmp_path / "e").exists()
+    r = run_cli("export", model, tmp_path / "e", "-q", "--allow-pickle", "--components", "vae_decoder")
+    assert r.returncode == 0, r.stderr
+    assert manifest(tmp_path / "e")["components"]["vae_decoder"]["parity"]["rel_l2"] <= 1e-4
+
+
+def test_export_killed_midway_leaves_no_engine_dir(sd1_model, tmp_path):
+    target = tmp_path / "engine"
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "export", str(sd1_model), str(target), "-q"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # kill as soon as the first graph is being written
+    while time.time() < deadline and proc.poll() is None:
+        tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".engine.tmp")]
+        if tmps and any((tmps[0] / c).exists() for c in ("text_encoder", "unet")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "export finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+
+
+def test_parity_gate_names_the_component(tmp_path):
+    from sdrt.export.parity import ParityError, check_parity
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(a, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    ok = check_parity("linear", path, a, {"x": x}, ["y"])
+    assert ok["rel_l2"] < 1e-6
+    with pytest.raises(ParityError, match="linear.*relative L2"):
+        check_parity("linear", path, b, {"x": x}, ["y"])
+
+
+def test_big_graphs_keep_weights_in_one_external_file(monkeypatch, tmp_path):
+    from sdrt.export import graphs
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    spec = graphs.GraphSpec("toy", lambda m: net, inputs=(("x", "float32", ("batch", 64)),),
+                            outputs=(("y", "float32", ("batch", 64)),))
+    graph, data = graphs.export_graph(spec, net, {"x": torch.randn(2, 64)}, tmp_path / "toy", 17)
+    assert data == "model.onnx.data"
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert graph.stat().st_size < 64 * 64 * 4, "weights were left inside the graph"
+    s = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    np.testing.assert_allclose(s.run(None, {"x": x})[0], net(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
