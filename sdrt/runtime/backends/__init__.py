@@ -1,0 +1,44 @@
+"""Backends: one small interface (sdrt.runtime.backends.base), several ways to run it.
+
+Heavy dependencies (tensorrt, CUDA bindings) are imported only when their backend loads a component.
+"""
+
+from __future__ import annotations
+
+from sdrt.errors import UserError
+from sdrt.runtime.backends.base import Backend, Session, TensorSpec
+
+# name -> description, for --backend
+BACKENDS = {
+    "cpu": "ONNX Runtime, CPU provider (default; works everywhere)",
+    "ort-cuda": "ONNX Runtime, CUDA provider (needs onnxruntime-gpu)",
+    "ort-tensorrt": "ONNX Runtime, TensorRT provider (needs onnxruntime-gpu and TensorRT)",
+    "tensorrt": "native TensorRT plans from `sdrt build` through CUDA buffers (needs the gpu extra)",
+}
+DEFAULT_BACKEND = "cpu"
+
+
+def get_backend(name: str | Backend = DEFAULT_BACKEND, **options) -> Backend:
+    """A backend by name (see BACKENDS), or the given Backend instance itself."""
+    if isinstance(name, Backend):
+        return name
+    if name in ("cpu", "onnxruntime"):
+        from sdrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend("cpu", **options)
+    if name in ("ort-cuda", "ort-tensorrt"):
+        from sdrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(name.split("-", 1)[1], **options)
+    if name == "tensorrt":
+        try:
+            from sdrt.runtime.backends.tensorrt import TensorRTBackend
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("sdrt"):
+                raise UserError("backend 'tensorrt' is not part of this sdrt build") from None
+            raise
+        return TensorRTBackend(**options)
+    raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+__all__ = ["Backend", "Session", "TensorSpec", "BACKENDS", "DEFAULT_BACKEND", "get_backend"]

@@ -1,0 +1,228 @@
+"""`sdrt bench`: sdrt and the PyTorch (diffusers) reference side by side, alternating, after warm-up, with
+parity measured in the same run. Each side runs in its own worker process (sdrt.bench.worker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdrt import __version__
+from sdrt.errors import UserError
+from sdrt.runtime.manifest import Manifest
+
+
+@dataclass
+class Settings:
+    steps: int = 20
+    height: int | None = None
+    width: int | None = None
+    batch: int = 1
+    runs: int = 3
+    warmup: int = 1
+    guidance: float = 7.5
+    scheduler: str | None = None
+    seed: int = 0
+    prompt: str = "a photograph of an astronaut riding a horse"
+    negative_prompt: str = ""
+    backend: str = "cpu"
+    reference_device: str = "cpu"
+    threads: int | None = None
+
+
+class Worker:
+    """One side's process; ``ask`` sends a command and waits for its one-line answer."""
+
+    def __init__(self, name: str, argv: list[str], scratch: Path):
+        self.name = name
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sdrt.bench.worker", *argv, "--scratch", str(scratch)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise UserError(f"bench worker {self.name!r} failed: {err[-1] if err else 'no output'}")
+        return json.loads(line)
+
+    def ask(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise UserError(f"bench worker {self.name!r}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def percentiles(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"p50": None, "p90": None}
+    return {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90))}
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / n) if n else float(np.linalg.norm(a - b))
+
+
+def _component_inputs(m: Manifest, height: int, width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    mn = m.model
+    lh, lw = height // mn.vae_scale_factor, width // mn.vae_scale_factor
+    latent = rng.standard_normal((2, mn.latent_channels, lh, lw), dtype=np.float32)
+    return {
+        "text_encoder": {"input_ids": rng.integers(0, 49406, (2, mn.text_max_length), dtype=np.int64)},
+        "unet": {"sample": latent, "timestep": np.full((2,), 500.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((2, mn.text_max_length, mn.text_hidden_size),
+                                                              dtype=np.float32)},
+        "vae_decoder": {"latent_sample": latent[:1] / np.float32(mn.scaling_factor)},
+    }
+
+
+def _environment(threads: int | None) -> dict:
+    import onnxruntime
+
+    env = {"sdrt": __version__, "python": platform.python_version(), "machine": platform.machine(),
+           "cpu": _cpu_name(), "cpus": len(os.sched_getaffinity(0)), "threads": threads or len(os.sched_getaffinity(0)),
+           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_bench(engine_dir: str, reference: str | None, settings: Settings, progress: bool = True) -> dict:
+    manifest = Manifest.load(engine_dir)
+    mn = manifest.model
+    s = settings
+    s.height = s.height or mn.default_height
+    s.width = s.width or mn.default_width
+    for what, v in (("height", s.height), ("width", s.width)):
+        if v <= 0 or v % mn.size_multiple:
+            raise UserError(f"--{what} {v}: must be a positive multiple of {mn.size_multiple} for this model")
+    for what, v, lo in (("--runs", s.runs, 1), ("--warmup", s.warmup, 0), ("--steps", s.steps, 1), ("--batch", s.batch, 1)):
+        if v < lo:
+            raise UserError(f"{what} {v}: must be >= {lo}")
+    if reference is not None and not (Path(reference) / "model_index.json").is_file():
+        raise UserError(f"--reference {reference!r}: not a diffusers checkpoint (model_index.json missing)")
+    gen = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "guidance": s.guidance,
+           "seed": s.seed, "scheduler": s.scheduler, "height": s.height, "width": s.width, "batch": s.batch}
+    scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
+    workers: dict[str, Worker] = {}
+    from tqdm import tqdm
+
+    total = 2 + (s.warmup + s.runs) * (2 if reference else 1) + (3 if reference else 0)
+    bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        threads = ["--threads", str(s.threads)] if s.threads else []
+        bar.set_postfix_str("loading sdrt")
+        workers["sdrt"] = Worker("sdrt", ["sdrt", str(engine_dir), "--backend", s.backend, *threads], scratch)
+        bar.update(1)
+        if reference:
+            bar.set_postfix_str("loading diffusers")
+            workers["diffusers"] = Worker(
+                "diffusers", ["diffusers", str(reference), "--device", s.reference_device, *threads], scratch)
+        bar.update(1)
+        timings = {name: [] for name in workers}
+        recorded: dict[str, dict] = {}
+        schedule = [("warmup", i) for i in range(s.warmup)] + [("run", i) for i in range(s.runs)]
+        for kind, i in schedule:
+            # alternate which side goes first, so neither always runs on a warmer machine
+            order = list(workers) if i % 2 == 0 else list(workers)[::-1]
+            for name in order:
+                record = not recorded.get(name)
+                bar.set_postfix_str(f"{kind} {i + 1}: {name}")
+                r = workers[name].ask(cmd="generate", settings=gen, record=record, tag=f"{name}-{kind}{i}")
+                if record:
+                    recorded[name] = r
+                if kind == "run":
+                    timings[name].append(r["timings"])
+                bar.update(1)
+        parity = None
+        if reference:
+            parity = {}
+            inputs = _component_inputs(manifest, s.height, s.width, s.seed)
+            for comp, feeds in inputs.items():
+                bar.set_postfix_str(f"parity: {comp}")
+                paths = {}
+                for k, v in feeds.items():
+                    paths[k] = str(scratch / f"in-{comp}-{k}.npy")
+                    np.save(paths[k], v)
+                outs = {n: w.ask(cmd="component", name=comp, inputs=paths, tag="parity")["outputs"]
+                        for n, w in workers.items()}
+                key = next(iter(outs["sdrt"]))
+                a, b = np.load(outs["sdrt"][key]), np.load(outs["diffusers"][key])
+                parity[comp] = {"rel_l2": rel_l2(a, b), "max_abs": float(np.max(np.abs(a.astype(np.float64) - b)))}
+                bar.update(1)
+            from sdrt.runtime.images import images_psnr
+
+            img_a, img_b = np.load(recorded["sdrt"]["image"]), np.load(recorded["diffusers"]["image"])
+            parity["image_psnr_db"] = float(min(images_psnr(x, y) for x, y in zip(img_a, img_b)))
+            lat_a, lat_b = np.load(recorded["sdrt"]["latents"]), np.load(recorded["diffusers"]["latents"])
+            parity["latent_rel_l2_per_step"] = [rel_l2(x, y) for x, y in zip(lat_a, lat_b)]
+        runs = []
+        for name, w in workers.items():
+            stats = w.ask(cmd="stats")
+            ts = timings[name]
+            e2e = percentiles([t["end_to_end_s"] for t in ts])
+            runs.append({
+                "name": name, "backend": w.hello["backend"], "load_s": w.hello["load_s"],
+                "images_per_s": s.batch / e2e["p50"], "peak_rss_mb": stats["peak_rss_mb"],
+                "gpu_peak_mb": stats["gpu_peak_mb"],
+                "text_encoder_ms": percentiles([t["text_encoder_ms"] for t in ts]),
+                "unet_step_ms": percentiles([x for t in ts for x in t["unet_step_ms"]]),
+                "vae_decode_ms": percentiles([t["vae_decode_ms"] for t in ts]),
+                "end_to_end_s": e2e,
+            })
+        ratio = None
+        if reference:
+            a, b = runs[0], runs[1]
+            ratio = {"unet_step": a["unet_step_ms"]["p50"] / b["unet_step_ms"]["p50"],
+                     "end_to_end": a["end_to_end_s"]["p50"] / b["end_to_end_s"]["p50"],
+                     "text_encoder": a["text_encoder_ms"]["p50"] / b["text_encoder_ms"]["p50"],
+                     "vae_decode": a["vae_decode_ms"]["p50"] / b["vae_decode_ms"]["p50"]}
+        settings_out = asdict(s)
+        settings_out.update(engine_dir=str(engine_dir), reference=reference)
+        return {"environment": _environment(s.threads), "settings": settings_out, "runs": runs, "ratio": ratio,
+                "parity": parity}
+    finally:
+        bar.close()
+        for w in workers.values():
+            w.close()
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""A benchmark worker: one side (sdrt or diffusers) in its own process, driven by JSON lines on stdin.
+
+Each side is a whole process, as users run it, so its load time and peak memory are its own. Arrays cross
+the process boundary as .npy files in a scratch folder.
+
+    python -m sdrt.bench.worker sdrt ENGINE_DIR --backend cpu
+    python -m sdrt.bench.worker diffusers MODEL_DIR --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class SdrtSide:
+    def __init__(self, path: str, backend: str, threads: int | None):
+        from sdrt.runtime import Pipeline
+
+        opts = {"threads": threads} if threads and backend == "cpu" else {}
+        self.pipe = Pipeline(path, backend=backend, backend_options=opts, load_encoder=False)
+        self.backend = self.pipe.backend.describe()
+
+    def generate(self, s: dict, record: bool) -> dict:
+        latents = []
+        result = self.pipe.generate(
+            s["prompt"], s["negative_prompt"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
+            scheduler=s["scheduler"], height=s["height"], width=s["width"], num_images=s["batch"],
+            callback=(lambda st: latents.append(st.latents.copy())) if record else None)
+        t = result.timings
+        timings = {"text_encoder_ms": t["text_encoder_ms"], "unet_step_ms": t["unet_step_ms"],
+                   "vae_decode_ms": t["vae_decode_ms"], "end_to_end_s": t["total_s"]}
+        return {"timings": timings, "image": np.stack(result.images), "latents": np.stack(latents) if record else None}
+
+    def component(self, name: str, inputs: dict) -> dict:
+        return self.pipe.sessions[name].run(inputs)
+
+    def gpu_peak_mb(self):
+        return None
+
+
+class DiffusersSide:
+    def __init__(self, path: str, device: str, threads: int | None):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.backend = f"diffusers {device} {str(dtype).replace('torch.', '')} (torch {torch.__version__})"
+        self._times: dict[str, list[float]] = {}
+        self._hook(self.pipe.text_encoder, "text_encoder")
+        self._hook(self.pipe.unet, "unet")
+        vae = self.pipe.vae
+        inner_decode = vae.decode
+
+        def timed_decode(*a, **kw):
+            self._sync()
+            t0 = time.perf_counter()
+            out = inner_decode(*a, **kw)
+            self._sync()
+            self._times.setdefault("vae_decode", []).append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        vae.decode = timed_decode
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _hook(self, module, name):
+        starts = []
+
+        def pre(_m, _a):
+            self._sync()
+            starts.append(time.perf_counter())
+
+        def post(_m, _a, _o):
+            self._sync()
+            self._times.setdefault(name, []).append((time.perf_counter() - starts.pop()) * 1e3)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def _scheduler(self, name):
+        from sdrt.bench.reference import diffusers_scheduler
+
+        return diffusers_scheduler(name, dict(self.pipe.scheduler.config))
+
+    def generate(self, s: dict, record: bool) -> dict:
+        torch = self.torch
+        self.pipe.scheduler = self._scheduler(s["scheduler"])
+        self._times = {}
+        latents = []
+
+        def on_step(_pipe, _i, _t, kw):
+            latents.append(kw["latents"].float().cpu().numpy())
+            return kw
+
+        t0 = time.perf_counter()
+        images = self.pipe(
+            s["prompt"], negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
+            guidance_scale=s["guidance"], height=s["height"], width=s["width"], num_images_per_prompt=s["batch"],
+            generator=torch.Generator("cpu").manual_seed(s["seed"]), output_type="np",
+            callback_on_step_end=on_step if record else None).images
+        total = time.perf_counter() - t0
+        timings = {"text_encoder_ms": sum(self._times.get("text_encoder", [])),
+                   "unet_step_ms": self._times.get("unet", []),
+                   "vae_decode_ms": sum(self._times.get("vae_decode", [])), "end_to_end_s": total}
+        image = (images * 255).round().astype(np.uint8)
+        return {"timings": timings, "image": image, "latents": np.stack(latents) if record else None}
+
+    def component(self, name: str, inputs: dict) -> dict:
+        from sdrt.export.graphs import GRAPH_IO, graph_module
+
+        torch = self.torch
+        module = graph_module(name, {"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet,
+                                     "vae": self.pipe.vae})
+        inputs_names, output_names = GRAPH_IO[name]
+        with torch.no_grad():
+            dtype = next(module.parameters()).dtype
+            args = [torch.from_numpy(inputs[n]).to(self.device) for n in inputs_names]
+            args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            out = module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: o.float().cpu().numpy() for n, o in zip(output_names, out)}
+
+    def gpu_peak_mb(self):
+        if self.device != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def serve(side, scratch: Path) -> None:
+    """Answer one JSON command per stdin line with one JSON line on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything else a library prints must not corrupt the protocol
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg["cmd"]
+        if cmd == "quit":
+            break
+        if cmd == "generate":
+            r = side.generate(msg["settings"], msg.get("record", False))
+            reply = {"timings": r["timings"]}
+            for key in ("image", "latents"):
+                if r[key] is not None:
+                    path = scratch / f"{msg['tag']}-{key}.npy"
+                    np.save(path, r[key])
+                    reply[key] = str(path)
+        elif cmd == "component":
+            inputs = {k: np.load(v) for k, v in msg["inputs"].items()}
+            outputs = side.component(msg["name"], inputs)
+            reply = {"outputs": {}}
+            for k, v in outputs.items():
+                path = scratch / f"{msg['tag']}-{msg['name']}-{k}.npy"
+                np.save(path, v)
+                reply["outputs"][k] = str(path)
+        elif cmd == "stats":
+            reply = {"peak_rss_mb": peak_rss_mb(), "gpu_peak_mb": side.gpu_peak_mb()}
+        else:
+            reply = {"error": f"unknown command {cmd!r}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("side", choices=["sdrt", "diffusers"])
+    ap.add_argument("path")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scratch", required=True)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.side == "sdrt":
+        side = SdrtSide(args.path, args.backend, args.threads)
+    else:
+        side = DiffusersSide(args.path, args.device, args.threads)
+    hello = {"ready": True, "load_s": time.perf_counter() - t0, "backend": side.backend}
+    sys.stdout.write(json.dumps(hello) + "\n")
+    sys.stdout.flush()
+    serve(side, Path(args.scratch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

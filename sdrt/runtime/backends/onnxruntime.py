@@ -1,0 +1,112 @@
+"""ONNX Runtime backend: the CPU provider by default (the embedded default that works everywhere); CUDA or
+TensorRT execution providers where onnxruntime-gpu is installed, with IO binding.
+
+Session options are chosen by measurement on the CPU (see benchmarks/): all graph optimizations, sequential
+execution, one intra-op thread per available core, memory arena and memory patterns on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.backends.base import Backend, Session, TensorSpec
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class OrtSession(Session):
+    def __init__(self, component: str, session, inputs, outputs, use_io_binding: bool):
+        self.component = component
+        self._session = session
+        self.inputs = inputs
+        self.outputs = outputs
+        self._output_names = [o.name for o in outputs]
+        self._io_binding = use_io_binding
+
+    def run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._io_binding:
+            # Inputs copied to the device once per call, outputs allocated by ORT on the device and copied back.
+            binding = self._session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self._output_names:
+                binding.bind_output(name, "cuda")
+            self._session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values))
+
+
+class OnnxRuntimeBackend(Backend):
+    """Run components with onnxruntime. ``device``: "cpu", "cuda" or "tensorrt" (execution providers)."""
+
+    def __init__(self, device: str = "cpu", threads: int | None = None, optimized_cache: bool = False):
+        if device not in PROVIDERS:
+            raise UserError(f"onnxruntime device {device!r}: choose one of {', '.join(PROVIDERS)}")
+        self.device = device
+        self.name = "onnxruntime" if device == "cpu" else f"onnxruntime-{device}"
+        self.threads = threads or available_cores()
+        self.optimized_cache = optimized_cache
+
+    def _ort(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime", "runtime", "the default backend") from None
+        if self.device != "cpu":
+            have = ort.get_available_providers()
+            need = PROVIDERS[self.device][0]
+            if need not in have:
+                raise UserError(
+                    f"backend {self.name!r} needs {need}, which this onnxruntime lacks (it has {', '.join(have)}); "
+                    "install onnxruntime-gpu, or use --backend cpu")
+        return ort
+
+    def session_options(self):
+        ort = self._ort()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = True
+        opts.enable_mem_pattern = True
+        opts.log_severity_level = 3
+        return opts
+
+    def load(self, manifest, component: str) -> OrtSession:
+        ort = self._ort()
+        entry = manifest.component(component)
+        path = Path(manifest.engine_dir) / entry["file"]
+        try:
+            session = ort.InferenceSession(str(path), self.session_options(), providers=PROVIDERS[self.device])
+        except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
+            raise UserError(f"component {component!r}: {path} could not be loaded ({str(e).splitlines()[0]})") from None
+        inputs = tuple(TensorSpec.from_dict(d) for d in entry["inputs"])
+        outputs = tuple(TensorSpec.from_dict(d) for d in entry["outputs"])
+        graph_inputs = [i.name for i in session.get_inputs()]
+        if graph_inputs != [s.name for s in inputs]:
+            raise UserError(
+                f"component {component!r}: graph inputs {graph_inputs} differ from the manifest's "
+                f"{[s.name for s in inputs]} (corrupt engine directory)")
+        return OrtSession(component, session, inputs, outputs, use_io_binding=self.device != "cpu")
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.threads} threads)" if self.device == "cpu" else self.name

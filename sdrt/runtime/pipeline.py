@@ -1,0 +1,275 @@
+"""txt2img and img2img on an engine directory, with the scheduler loop in numpy.
+
+Equal to diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline for the same seed: the same
+random draws in the same order (sdrt.runtime.rng), the same schedules (sdrt.runtime.schedulers), the same
+guidance arithmetic. One Pipeline serves many threads at once: per-call state lives in the call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from sdrt.errors import StageError, UserError
+from sdrt.runtime.backends import Backend, get_backend
+from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.rng import TorchCPUGenerator
+from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler
+from sdrt.runtime.tokenizer import CLIPTokenizer
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = 0.8
+MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class Request:
+    """One generation's settings, checked against the model (``Pipeline.request`` builds and checks it)."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str
+    height: int
+    width: int
+    num_images: int
+    init_image: np.ndarray | None = None   # [1, 3, H, W] float32 in [-1, 1]
+    strength: float = 1.0
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def guided(self) -> bool:
+        # diffusers: classifier-free guidance only when guidance_scale > 1
+        return self.guidance > 1.0
+
+
+@dataclass
+class Step:
+    """Yielded after each denoising step: the latents, for progress bars and previews."""
+
+    index: int          # 0-based, counting only the steps this call runs
+    total: int
+    timestep: float
+    latents: np.ndarray
+
+
+@dataclass
+class Result:
+    images: list[np.ndarray]                # each [H, W, 3] uint8
+    request: Request
+    latents: np.ndarray                     # final latents before decoding (scaled, as the UNet sees them)
+    timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
+
+
+def _check_finite(stage: str, array: np.ndarray, detail: str = "") -> None:
+    if not np.isfinite(array).all():
+        raise StageError(f"{stage} produced NaN or inf{detail}; the engine or its precision is broken for these inputs")
+
+
+class Pipeline:
+    """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
+
+    def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
+                 backend_options: dict | None = None, load_encoder: bool | None = None):
+        self.manifest = Manifest.load(engine_dir, verify=verify)
+        self.engine_dir = Path(engine_dir)
+        self.model = self.manifest.model
+        self.backend = get_backend(backend, **(backend_options or {}))
+        self.tokenizer = CLIPTokenizer.from_dir(
+            self.engine_dir / "tokenizer", max_length=self.model.text_max_length, pad_token_id=self.model.pad_token_id)
+        sched_path = self.engine_dir / "scheduler" / "scheduler_config.json"
+        try:
+            self.scheduler_config = json.loads(sched_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
+        self.sessions = {}
+        for comp in ("text_encoder", "unet", "vae_decoder"):
+            self.sessions[comp] = self.backend.load(self.manifest, comp)
+        self._encoder_lazy = load_encoder is None
+        if load_encoder and self.manifest.has("vae_encoder"):
+            self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
+        import threading
+
+        self._encoder_lock = threading.Lock()
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = None,
+                scheduler: str | None = None, height: int | None = None, width: int | None = None,
+                num_images: int = 1, init_image: np.ndarray | None = None,
+                strength: float = DEFAULT_STRENGTH) -> Request:
+        """Check every setting against the model; defaults as in diffusers."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UserError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise UserError(f"steps {steps!r}: must be an integer >= 1")
+        if not np.isfinite(guidance) or guidance < 0:
+            raise UserError(f"guidance {guidance!r}: must be a number >= 0")
+        if not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise UserError(f"number of images {num_images!r}: must be an integer >= 1")
+        if seed is None:
+            seed = secrets.randbits(63)
+        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed {seed!r}: must be an integer in [0, 2**64)")
+        name = scheduler
+        if name is not None and name not in SCHEDULER_NAMES:
+            raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+        m = self.model
+        if init_image is not None:
+            if not 0 < strength <= 1:
+                raise UserError(f"strength {strength!r}: must be in (0, 1]")
+            img_h, img_w = init_image.shape[-2:]
+            height = img_h if height is None else height
+            width = img_w if width is None else width
+            if (height, width) != (img_h, img_w):
+                raise UserError(
+                    f"init image is {img_w}x{img_h} but {width}x{height} was asked; resize it when loading")
+        else:
+            strength = 1.0
+            height = m.default_height if height is None else height
+            width = m.default_width if width is None else width
+        for what, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % m.size_multiple:
+                raise UserError(
+                    f"{what} {v!r}: must be a positive multiple of {m.size_multiple} for this model "
+                    f"(VAE scale factor {m.vae_scale_factor} x UNet downsampling {m.size_multiple // m.vae_scale_factor})")
+        sched = make_scheduler(name, self.scheduler_config, int(steps))  # also validates the config's own class
+        if init_image is not None and sched.begin_index(strength) >= len(sched.timesteps):
+            raise UserError(
+                f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps")
+        return Request(prompts, negatives, int(steps), float(guidance), int(seed), name or "", int(height),
+                       int(width), int(num_images), init_image, float(strength))
+
+    # ---- stages ---------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = self.tokenizer.encode(list(prompts))
+        out = self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        _check_finite("text_encoder", out)
+        return out
+
+    def _vae_encoder(self):
+        if "vae_encoder" not in self.sessions:
+            if not self.manifest.has("vae_encoder"):
+                raise UserError(f"{self.engine_dir} has no vae_encoder; img2img needs it (re-export with it)")
+            with self._encoder_lock:
+                if "vae_encoder" not in self.sessions:
+                    self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
+        return self.sessions["vae_encoder"]
+
+    def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
+        """Image [1,3,H,W] in [-1,1] -> scaled latents, sampling the VAE posterior as diffusers does."""
+        params = self._vae_encoder().run({"sample": image.astype(np.float32)})["latent_parameters"]
+        _check_finite("vae_encoder", params)
+        mean, logvar = np.split(params, 2, axis=1)
+        logvar = np.clip(logvar, -30.0, 20.0)
+        std = np.exp(0.5 * logvar)
+        sample = mean + std * rng.randn(mean.shape)
+        shift = self.model.shift_factor or 0.0
+        return ((sample - shift) * self.model.scaling_factor).astype(np.float32)
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents -> images [n, H, W, 3] uint8."""
+        from sdrt.runtime.images import decode_to_uint8
+
+        shift = self.model.shift_factor or 0.0
+        z = (latents / self.model.scaling_factor + shift).astype(np.float32)
+        sample = self.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+        _check_finite("vae_decoder", sample)
+        return decode_to_uint8(sample)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
+        """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
+        timings = {} if timings is None else timings
+        m = self.model
+        rng = TorchCPUGenerator(req.seed)
+        sched = make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
+        begin = sched.begin_index(req.strength) if req.init_image is not None else 0
+
+        t0 = time.perf_counter()
+        texts = self.encode_prompts(req.prompts + (req.negative_prompts if req.guided else []))
+        timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
+        n = len(req.prompts)
+        cond = np.repeat(texts[:n], req.num_images, axis=0)
+        if req.guided:
+            uncond = np.repeat(texts[n:], req.num_images, axis=0)
+            context = np.concatenate([uncond, cond])  # diffusers: [negative, positive]
+        else:
+            context = cond
+
+        shape = (req.batch, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
+        if req.init_image is None:
+            latents = (rng.randn(shape) * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        else:
+            t0 = time.perf_counter()
+            init = self.encode_image(req.init_image, rng)
+            timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
+            init = np.concatenate([init] * req.batch) if req.batch > 1 else init
+            noise = rng.randn(init.shape)
+            latents = sched.add_noise(init, noise, begin).astype(np.float32)
+
+        state = sched.init_state(begin)
+        unet = self.sessions["unet"]
+        step_ms = timings.setdefault("unet_step_ms", [])
+        total = len(sched.timesteps) - begin
+        for k, i in enumerate(range(begin, len(sched.timesteps))):
+            t0 = time.perf_counter()
+            x = sched.scale_model_input(latents, i).astype(np.float32)
+            x = np.concatenate([x, x]) if req.guided else x
+            t = np.full((x.shape[0],), sched.timesteps[i], dtype=np.float32)
+            eps = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": context})["out_sample"]
+            _check_finite("unet", eps, f" at step {k + 1} of {total}")
+            if req.guided:
+                eps_uncond, eps_text = eps[: req.batch], eps[req.batch:]
+                eps = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
+            latents = sched.step(state, i, eps, latents, rng).astype(np.float32, copy=False)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+            yield Step(k, total, float(sched.timesteps[i]), latents)
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 callback: Callable[[Step], None] | None = None, **settings) -> Result:
+        """Generate images; ``settings`` as :meth:`request`. ``callback`` sees every Step."""
+        req = self.request(prompt, negative_prompt, **settings)
+        return self.run(req, callback=callback)
+
+    def run(self, req: Request, callback: Callable[[Step], None] | None = None) -> Result:
+        timings: dict = {}
+        t_start = time.perf_counter()
+        latents = None
+        for step in self.steps(req, timings):
+            latents = step.latents
+            if callback is not None:
+                callback(step)
+        t0 = time.perf_counter()
+        images = self.decode_latents(latents)
+        timings["vae_decode_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["total_s"] = time.perf_counter() - t_start
+        return Result(list(images), req, latents, timings)
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+        self.sessions.clear()
+
