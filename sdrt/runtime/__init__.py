@@ -1,0 +1,1 @@
+"""Production side of sdrt: engine directory -> images, with no torch."""
