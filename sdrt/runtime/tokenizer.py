@@ -34,12 +34,13 @@ class CLIPTokenizer:
     Immutable after construction: ``encode`` may be called from many threads at once.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int):
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int, *, copy: bool = True):
         if int(max_length) < 2:
             raise UserError(f"tokenizer max_length {max_length} is too small: it must hold bos and eos (>= 2)")
-        # Our own copy, without padding or truncation: every call sees the full encoding, so over-long
-        # prompts can be reported, and no call changes state another thread reads.
-        self._tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        # Our own instance, without padding or truncation: every call sees the full encoding, so over-long
+        # prompts can be reported, and no call changes state another thread reads. ``copy=False`` hands
+        # over a tokenizer nobody else holds (from_dir), saving a second parse of the 3.6 MB JSON.
+        self._tokenizer = Tokenizer.from_str(tokenizer.to_str()) if copy else tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self.max_length = int(max_length)
@@ -61,7 +62,7 @@ class CLIPTokenizer:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise UserError(f"{file} is not a valid tokenizers file: {exc}") from exc
-        return cls(tokenizer, max_length=max_length, pad_token_id=pad_token_id)
+        return cls(tokenizer, max_length=max_length, pad_token_id=pad_token_id, copy=False)
 
     def encode(self, prompts: Sequence[str] | str) -> np.ndarray:
         """Token ids, int64 ``[len(prompts), max_length]``; a single string counts as one prompt."""

@@ -58,7 +58,8 @@ def test_manifest_numbers(exported):
     assert (runtime.bos_token_id, runtime.eos_token_id) == (numbers["bos_token_id"], numbers["eos_token_id"])
 
 
-def test_export_copies_checkpoint_files(exported, tmp_path):
+def test_export_copies_checkpoint_files(tmp_path):
+    pytest.importorskip("transformers")
     out = tmp_path / "tok"
     from sdrt.export.tokenizer import export_tokenizer
 
@@ -147,6 +148,18 @@ def test_thread_safe(exported, caplog):
     assert not errors
     for k in range(8):
         np.testing.assert_array_equal(results[k], expected[k::8])
+
+
+def test_constructor_copies_and_clears_caller_tokenizer(exported):
+    _, runtime, numbers = exported
+    from tokenizers import Tokenizer
+
+    theirs = Tokenizer.from_str(runtime._tokenizer.to_str())
+    theirs.enable_truncation(5)
+    ours = CLIPTokenizer(theirs, numbers["max_length"], numbers["pad_token_id"])
+    assert theirs.truncation is not None  # the caller's object is left alone
+    long = " ".join(["cat"] * 20)
+    np.testing.assert_array_equal(ours.encode([long]), runtime.encode([long]))
 
 
 def test_rejects_non_strings(exported):
