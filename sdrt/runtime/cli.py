@@ -23,6 +23,7 @@ def _cmd_generate(args) -> int:
 
     from sdrt.runtime.images import format_parameters, load_init_image, save_gif, save_png
     from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.schedulers import scheduler_name_for_config
 
     if args.preview and not args.preview.lower().endswith(".gif"):
         raise UserError(f"--preview {args.preview!r}: must be a .gif file")
@@ -46,13 +47,14 @@ def _cmd_generate(args) -> int:
 
     result = pipe.run(req, callback=on_step)
     bar.close()
-    scheduler = req.scheduler or pipe.model.scheduler_class
+    scheduler = req.scheduler or scheduler_name_for_config(pipe.scheduler_config)
     for i, (path, image) in enumerate(zip(outs, result.images)):
         params = format_parameters(
             prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=req.steps, scheduler=scheduler,
             guidance=req.guidance, seed=req.seed, height=req.height, width=req.width,
-            model=str(pipe.manifest.data["source"].get("path", "")), batch_index=i,
-            strength=req.strength if init is not None else None)
+            model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
+            strength=req.strength if init is not None else None,
+            extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
         save_png(image, path, params)
         print(path)
     if args.preview:

@@ -13,6 +13,7 @@ BACKENDS = {
     "cpu": "ONNX Runtime, CPU provider (default; works everywhere)",
     "ort-cuda": "ONNX Runtime, CUDA provider (needs onnxruntime-gpu)",
     "ort-tensorrt": "ONNX Runtime, TensorRT provider (needs onnxruntime-gpu and TensorRT)",
+    "openvino": "OpenVINO on the same ONNX files, CPU, f32 (needs the openvino extra)",
     "tensorrt": "native TensorRT plans from `sdrt build` through CUDA buffers (needs the gpu extra)",
 }
 DEFAULT_BACKEND = "cpu"
@@ -30,6 +31,10 @@ def get_backend(name: str | Backend = DEFAULT_BACKEND, **options) -> Backend:
         from sdrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(name.split("-", 1)[1], **options)
+    if name == "openvino":
+        from sdrt.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(**options)
     if name == "tensorrt":
         try:
             from sdrt.runtime.backends.tensorrt import TensorRTBackend

@@ -1,0 +1,70 @@
+"""OpenVINO backend (CPU) on the same ONNX files: an optional alternative to ONNX Runtime's CPU provider.
+
+Inference precision is pinned to f32: on CPUs with bf16 or AMX units OpenVINO would otherwise pick a lower
+precision by itself and parity with PyTorch would be lost silently.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.backends.base import Backend, Session, TensorSpec
+from sdrt.runtime.backends.onnxruntime import available_cores
+
+
+class OpenVinoSession(Session):
+    def __init__(self, component, compiled, inputs, outputs):
+        self.component = component
+        self._compiled = compiled
+        self.inputs = inputs
+        self.outputs = outputs
+        # Infer requests are not thread-safe: keep a pool, one request per concurrent caller.
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            out = {}
+            for spec in self.outputs:
+                out[spec.name] = np.array(result[self._compiled.output(spec.name)], copy=True)
+            return out
+        finally:
+            self._requests.put(request)
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(self, threads: int | None = None, device: str = "CPU"):
+        self.threads = threads or available_cores()
+        self.device = device
+
+    def load(self, manifest, component: str) -> OpenVinoSession:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise MissingDependencyError("openvino", "openvino", "the openvino backend") from None
+        entry = manifest.component(component)
+        path = Path(manifest.engine_dir) / entry["file"]
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": self.threads}
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), self.device, config)
+        except RuntimeError as e:
+            raise UserError(f"component {component!r}: OpenVINO could not load {path} ({str(e).splitlines()[0]})") from None
+        inputs = tuple(TensorSpec.from_dict(d) for d in entry["inputs"])
+        outputs = tuple(TensorSpec.from_dict(d) for d in entry["outputs"])
+        return OpenVinoSession(component, compiled, inputs, outputs)
+
+    def describe(self) -> str:
+        return f"openvino {self.device} f32 ({self.threads} threads)"
