@@ -99,12 +99,16 @@ class Checkpoint:
         if not isinstance(u.get("sample_size", 64), int):
             raise UserError(f"{self.path}/unet: non-square sample_size {u.get('sample_size')!r} is not supported yet")
 
+    @property
+    def latent_size_multiple(self) -> int:
+        """The UNet's total downsampling factor."""
+        return 2 ** (len(self.unet_config.get("block_out_channels", [320, 640, 1280, 1280])) - 1)
+
     # ---- the model's numbers -----------------------------------------------------------------------------
     def model_numbers(self, tokenizer: dict[str, Any]) -> dict[str, Any]:
         """Every number the runtime needs, read from the configs (never assumed)."""
         u, v, t, s = self.unet_config, self.vae_config, self.text_config, self.scheduler_config
         vae_scale_factor = 2 ** (len(v.get("block_out_channels", [64])) - 1)
-        latent_size_multiple = 2 ** (len(u.get("block_out_channels", [320, 640, 1280, 1280])) - 1)
         sample_size = int(u.get("sample_size", 64))
         hidden = int(t["hidden_size"])
         if u.get("cross_attention_dim", hidden) != hidden:
@@ -123,7 +127,9 @@ class Checkpoint:
             "sample_size": sample_size,
             "default_height": sample_size * vae_scale_factor,
             "default_width": sample_size * vae_scale_factor,
-            "size_multiple": vae_scale_factor * latent_size_multiple,
+            # any latent size works (the UNet is traced with upsample_size; see exporter._shapes), so images
+            # need only be multiples of the VAE's factor, as in diffusers
+            "size_multiple": vae_scale_factor,
             "image_channels": int(v.get("in_channels", 3)),
             "text_hidden_size": hidden,
             "text_max_length": max_length,

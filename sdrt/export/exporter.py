@@ -71,13 +71,20 @@ def _tool_versions(opset: int) -> dict:
             "onnxruntime": onnxruntime.__version__, "opset": opset}
 
 
-def _shapes(numbers: dict) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(batch, latent_h, latent_w) to trace at, and other sizes to check parity at."""
+def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(batch, latent_h, latent_w) to trace at, and other sizes to check parity at.
+
+    The UNet is traced at a latent size that is not a multiple of its downsampling factor: diffusers then
+    upsamples each decoder level to its skip connection's size (``upsample_size``) instead of by a fixed 2x,
+    and the traced graph takes every latent size, as diffusers does. Parity is checked at a size whose height
+    is a multiple and whose width is not, so both paths are compared with PyTorch.
+    """
     s = numbers["sample_size"]
-    m = numbers["size_multiple"] // numbers["vae_scale_factor"]
-    trace = (2, s, s)
-    lo = s - m if s - m >= m else s + 2 * m
-    check = (1 if s >= 32 else 3, lo, s + m)
+    m = latent_size_multiple
+    odd = 1 if m > 1 else 0
+    trace = (2, s + odd, s + odd)
+    lo = s - m if s - m >= m else s + m
+    check = (1 if s >= 32 else 3, lo, s + 3 * odd)
     return trace, check
 
 
@@ -118,7 +125,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         (tmp / "scheduler").mkdir()
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         specs = graph_specs(numbers)
-        trace_shape, check_shape = _shapes(numbers)
+        trace_shape, check_shape = _shapes(numbers, ckpt.latent_size_multiple)
         vocab = int(ckpt.text_config.get("vocab_size", 49408))
         entries: dict[str, dict] = {}
         loaded: dict[str, torch.nn.Module] = {}

@@ -154,11 +154,10 @@ class Pipeline:
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % m.size_multiple:
                 raise UserError(
                     f"{what} {v!r}: must be a positive multiple of {m.size_multiple} for this model "
-                    f"(VAE scale factor {m.vae_scale_factor} x UNet downsampling {m.size_multiple // m.vae_scale_factor})")
+                    f"(its VAE scale factor)")
         sched = make_scheduler(name, self.scheduler_config, int(steps))  # also validates the config's own class
-        if init_image is not None and sched.begin_index(strength) >= len(sched.timesteps):
-            raise UserError(
-                f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps")
+        if init_image is not None:
+            sched.begin_index(strength)  # refuses a strength that leaves no step to run
         return Request(prompts, negatives, int(steps), float(guidance), int(seed), name or "", int(height),
                        int(width), int(num_images), init_image, float(strength))
 
