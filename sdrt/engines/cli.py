@@ -44,3 +44,14 @@ def run_build(args: argparse.Namespace) -> int:
         opt_level=args.opt_level, check_parity=not args.no_parity,
         log=lambda line: print(line, file=sys.stderr))
     return 0
+
+
+def add_subcommand(sub) -> None:
+    """Register ``sdrt build`` on the top-level CLI's subparsers (what ``sdrt/cli.py`` looks for)."""
+    p = sub.add_parser(
+        "build", help="build TensorRT engines for an engine directory (needs an NVIDIA GPU and the gpu extra)",
+        description="Build fp16 (or fp32) TensorRT plans with optimization profiles for each component, check "
+                    "each against ONNX Runtime fp32 (falling back to fp32 where fp16 is unsafe), and record them "
+                    "in ENGINE_DIR/sdrt.json under trt/<key>/.")
+    add_build_arguments(p)
+    p.set_defaults(func=run_build)

@@ -4,12 +4,13 @@ The user gives ranges over what they think in (image batch, image height and wid
 component's input shapes follow from the manifest's symbolic dims and model numbers:
 
 * ``batch`` is the image batch for the VAE. Under classifier-free guidance the pipeline runs the UNet on the
-  conditional and unconditional halves at once, so the UNet's batch range is (min, 2*opt, 2*max); the text
-  encoder may encode prompt and negative prompt in one call, so its range is (min, opt, 2*max). Both
-  still accept an unguided batch.
+  unconditional and conditional halves at once, so the UNet's batch range is (min, 2*opt, 2*max), which
+  still accepts an unguided batch.
+* The text encoder sees prompts plus negative prompts (one per prompt, not per image), so its batch range
+  is (1, opt, 2*max), in static mode too: it runs once per request and its cost is small.
 * ``height``/``width`` are pixels; ``latent_height``/``latent_width`` are pixels / vae_scale_factor.
-* Static mode builds exact shapes (min = opt = max); the UNet and text encoder then get two profiles,
-  batch N (unguided) and 2N (guided).
+* Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
+  and 2N (guided).
 
 Sizes must be multiples of ``size_multiple``: the manifest's ``model.size_multiple`` when export recorded
 it, else vae_scale_factor * 8 (the VAE's downsampling times the UNet's three 2x downsamplings of SD1/SD2;
@@ -23,7 +24,7 @@ from typing import Any, Iterable, Mapping
 
 from sdrt.errors import UserError
 
-# How many times the image batch each component may see at most (classifier-free guidance doubles it).
+# How many times the largest image batch (UNet) or prompt batch (text encoder) a component may see.
 GUIDED_BATCH_FACTOR = {"unet": 2, "text_encoder": 2}
 
 
@@ -126,13 +127,15 @@ def make_request(model: Mapping[str, Any], batch=(1, 1, 4), height=None, width=N
 
 
 def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
-    factor = GUIDED_BATCH_FACTOR.get(component, 1)
     b = req.batch
+    if component == "text_encoder":
+        return [Range(1, b.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max)]
+    factor = GUIDED_BATCH_FACTOR.get(component, 1)
     if factor == 1:
         return [b]
     if req.static:
         return [b, b.scaled(factor, factor, factor)]
-    return [b.scaled(1, factor if component == "unet" else 1, factor)]
+    return [b.scaled(1, factor, factor)]
 
 
 def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], model: Mapping[str, Any],

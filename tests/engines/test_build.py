@@ -104,6 +104,15 @@ def test_cli_arguments_and_run_build(engine_dir, no_tensorrt):
         run_build(parser.parse_args([str(engine_dir), "--batch", "1:x"]))
 
 
+def test_add_subcommand_wires_sdrt_build(engine_dir):
+    from sdrt.engines.cli import add_subcommand
+
+    parser = argparse.ArgumentParser(prog="sdrt")
+    add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["build", str(engine_dir), "--precision", "fp32", "--width", "32:64:64"])
+    assert args.func is run_build and args.width == "32:64:64" and args.precision == "fp32"
+
+
 def test_compare_refuses_nan_inf_and_gross_error():
     ref = {"y": np.ones((2, 3), np.float32)}
     assert compare("unet", {"y": ref["y"] + 1e-4}, ref).ok

@@ -55,6 +55,9 @@ def test_unet_batch_doubled_for_guidance_and_latents_scaled():
     assert p["encoder_hidden_states"]["max"] == [8, 8, 16]
     (t,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
     assert t["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [8, 8]}
+    req = make_request(MODEL, batch="2:2:4", height="32:64:128", width="64:64:64")
+    (t,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
+    assert t["input_ids"]["min"] == [1, 8]  # one prompt, several images: the text batch stays 1 or 2
     (v,) = component_profiles("vae_decoder", VAE_INPUTS, MODEL, req)
     assert v["latent_sample"]["max"] == [4, 4, 64, 32]
 
@@ -66,6 +69,8 @@ def test_static_mode_collapses_to_opt_with_guided_and_unguided_profiles():
     assert is_static(unet)
     vae = component_profiles("vae_decoder", VAE_INPUTS, MODEL, req)
     assert len(vae) == 1 and is_static(vae)
+    (text,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
+    assert text["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [4, 8]}
 
 
 def test_unknown_symbol_is_a_user_error():
