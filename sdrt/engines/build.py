@@ -137,14 +137,17 @@ def _import_build_deps():
 
 
 def prepare_onnx(src: Path, dst_dir: Path, external_data: bool) -> Path:
-    """Cleanup, toposort and constant folding with onnx-graphsurgeon; weights stay in one external file."""
+    """Cleanup, toposort and (below 2 GiB) constant folding with onnx-graphsurgeon; big weights stay external."""
     import onnx
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(onnx.load(str(src)))
     graph.cleanup().toposort()
-    graph.fold_constants()
-    graph.cleanup().toposort()
+    if not external_data:
+        # fold_constants evaluates the graph in ONNX Runtime from one serialized protobuf, which cannot
+        # exceed 2 GiB; large graphs are left to TensorRT's own constant folding at build time.
+        graph.fold_constants()
+        graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     out = dst_dir / "model.onnx"
     if external_data:
