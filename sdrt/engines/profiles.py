@@ -1,0 +1,195 @@
+"""Optimization profiles: the min/opt/max input shapes a TensorRT engine is built for.
+
+The user gives ranges over what they think in (image batch, image height and width in pixels); each
+component's input shapes follow from the manifest's symbolic dims and model numbers:
+
+* ``batch`` is the image batch for the VAE. Under classifier-free guidance the pipeline runs the UNet on the
+  unconditional and conditional halves at once, so the UNet's batch range is (min, 2*opt, 2*max), which
+  still accepts an unguided batch.
+* The text encoder sees prompts plus negative prompts (one per prompt, not per image), so its batch range
+  is (1, opt, 2*max), in static mode too: it runs once per request and its cost is small.
+* ``height``/``width`` are pixels; ``latent_height``/``latent_width`` are pixels / vae_scale_factor.
+* Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
+  and 2N (guided).
+
+Sizes must be multiples of ``size_multiple``: the manifest's ``model.size_multiple`` when export recorded
+it, else vae_scale_factor * 8 (the VAE's downsampling times the UNet's three 2x downsamplings of SD1/SD2;
+conservative for smaller UNets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from sdrt.errors import UserError
+
+# How many times the largest image batch (UNet) or prompt batch (text encoder) a component may see.
+GUIDED_BATCH_FACTOR = {"unet": 2, "text_encoder": 2}
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive range of one dimension with the value TensorRT optimizes for."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (self.min <= self.opt <= self.max):
+            raise UserError(f"range {self}: need MIN <= OPT <= MAX")
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.opt == self.max
+
+    def scaled(self, lo: int, opt: int, hi: int) -> "Range":
+        return Range(self.min * lo, self.opt * opt, self.max * hi)
+
+
+def parse_range(text: str, what: str) -> Range:
+    """Parse ``"MIN:OPT:MAX"`` or a single ``"N"`` (= N:N:N) of positive integers."""
+    parts = str(text).strip().split(":")
+    if len(parts) not in (1, 3):
+        raise UserError(f"--{what} {text!r}: expected MIN:OPT:MAX (e.g. 1:1:4) or one number")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: expected integers, as MIN:OPT:MAX (e.g. 1:1:4)") from None
+    if any(v <= 0 for v in values):
+        raise UserError(f"--{what} {text!r}: values must be positive")
+    if len(values) == 1:
+        values *= 3
+    lo, opt, hi = values
+    if not lo <= opt <= hi:
+        raise UserError(f"--{what} {text!r}: need MIN <= OPT <= MAX")
+    return Range(lo, opt, hi)
+
+
+def as_range(value: Range | tuple[int, int, int] | int | str, what: str) -> Range:
+    if isinstance(value, Range):
+        return value
+    if isinstance(value, str):
+        return parse_range(value, what)
+    if isinstance(value, int):
+        return parse_range(str(value), what)
+    return parse_range(":".join(str(v) for v in value), what)
+
+
+def size_multiple(model: Mapping[str, Any]) -> int:
+    """What heights and widths must be multiples of (see the module docstring)."""
+    if model.get("size_multiple"):
+        return int(model["size_multiple"])
+    return int(model["vae_scale_factor"]) * 8
+
+
+def default_size_range(default: int, multiple: int) -> Range:
+    """Half to twice the model's default size, on the size grid (SD1.5: 256:512:1024)."""
+    lo = max(multiple, (default // 2) // multiple * multiple)
+    hi = max(default, (default * 2) // multiple * multiple)
+    return Range(lo, default, hi)
+
+
+def check_size_range(r: Range, what: str, multiple: int, vae_scale_factor: int) -> None:
+    bad = [v for v in (r.min, r.opt, r.max) if v % multiple]
+    if bad:
+        raise UserError(
+            f"--{what} {r}: {bad[0]} is not a multiple of {multiple} "
+            f"(vae_scale_factor {vae_scale_factor} x the UNet's downsampling)")
+
+
+@dataclass(frozen=True)
+class ShapeRequest:
+    """What the user asked for, in image terms."""
+
+    batch: Range
+    height: Range
+    width: Range
+    static: bool = False
+
+
+def make_request(model: Mapping[str, Any], batch=(1, 1, 4), height=None, width=None,
+                 static: bool = False) -> ShapeRequest:
+    """Turn CLI-level values into checked ranges; static mode collapses each range to its OPT value."""
+    multiple = size_multiple(model)
+    b = as_range(batch, "batch")
+    h = as_range(height, "height") if height is not None else default_size_range(int(model["default_height"]), multiple)
+    w = as_range(width, "width") if width is not None else default_size_range(int(model["default_width"]), multiple)
+    if static:
+        b, h, w = (Range(r.opt, r.opt, r.opt) for r in (b, h, w))
+    check_size_range(h, "height", multiple, int(model["vae_scale_factor"]))
+    check_size_range(w, "width", multiple, int(model["vae_scale_factor"]))
+    return ShapeRequest(b, h, w, static)
+
+
+def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
+    b = req.batch
+    if component == "text_encoder":
+        return [Range(1, b.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max)]
+    factor = GUIDED_BATCH_FACTOR.get(component, 1)
+    if factor == 1:
+        return [b]
+    if req.static:
+        return [b, b.scaled(factor, factor, factor)]
+    return [b.scaled(1, factor, factor)]
+
+
+def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], model: Mapping[str, Any],
+                       req: ShapeRequest) -> list[dict[str, dict[str, list[int]]]]:
+    """The optimization profiles for one component: ``[{input_name: {"min", "opt", "max"}}]``.
+
+    ``inputs`` are the manifest's input specs (name, dtype, shape with ints or symbol strings).
+    """
+    vsf = int(model["vae_scale_factor"])
+    sizes = {
+        "height": req.height, "width": req.width,
+        "latent_height": Range(req.height.min // vsf, req.height.opt // vsf, req.height.max // vsf),
+        "latent_width": Range(req.width.min // vsf, req.width.opt // vsf, req.width.max // vsf),
+    }
+    profiles = []
+    for batch in _batch_ranges(component, req):
+        symbols = dict(sizes, batch=batch)
+        profile = {}
+        for spec in inputs:
+            dims = {"min": [], "opt": [], "max": []}
+            for d in spec["shape"]:
+                if isinstance(d, int) and d >= 0:
+                    r = Range(d, d, d)
+                elif isinstance(d, str) and d in symbols:
+                    r = symbols[d]
+                else:
+                    raise UserError(
+                        f"{component}: input {spec['name']!r} has dimension {d!r}; sdrt build knows "
+                        f"{', '.join(sorted(symbols))} (re-export the model)")
+                dims["min"].append(r.min)
+                dims["opt"].append(r.opt)
+                dims["max"].append(r.max)
+            profile[spec["name"]] = dims
+        profiles.append(profile)
+    return profiles
+
+
+def is_static(profiles: list[dict[str, dict[str, list[int]]]]) -> bool:
+    return all(s["min"] == s["opt"] == s["max"] for p in profiles for s in p.values())
+
+
+def profile_fits(profile: Mapping[str, Mapping[str, list[int]]], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether every input shape lies within the profile's min..max, dimension by dimension."""
+    for name, shape in shapes.items():
+        s = profile.get(name)
+        if s is None or len(s["min"]) != len(shape):
+            return False
+        if any(not lo <= d <= hi for d, lo, hi in zip(shape, s["min"], s["max"])):
+            return False
+    return True
+
+
+def describe_profile(profile: Mapping[str, Mapping[str, list[int]]]) -> str:
+    """``sample [1,4,32,32]..[8,4,128,128]; timestep ...`` for error messages."""
+    def fmt(v):
+        return "[" + ",".join(str(x) for x in v) + "]"
+    return "; ".join(f"{n} {fmt(s['min'])}..{fmt(s['max'])}" for n, s in profile.items())

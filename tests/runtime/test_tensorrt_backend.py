@@ -1,0 +1,236 @@
+"""The TensorRT backend. CPU tests run its logic against stand-ins for tensorrt and cuda-python
+(tests/runtime/fake_trt.py); tests marked ``gpu`` need the real ones and skip with a reason otherwise."""
+
+import importlib.util
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sdrt.engines.build import plan_jobs, record_entry, write_plan
+from sdrt.engines.profiles import make_request
+from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.backends import cuda as cuda_mod
+from sdrt.runtime.backends.tensorrt import TensorRTBackend, select_profile, usable_entries
+from sdrt.runtime.manifest import Manifest
+from tests.engines.fake_engine_dir import make_engine_dir
+from tests.runtime.fake_trt import fake_plan, make_cudart, make_tensorrt
+
+UNET_INPUTS = {"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32"}
+
+
+def add_engine(engine_dir, static=False, batch="1:1:2", size="32:64:64", trt_version="10.3.0", cc="8.9",
+               plan=None):
+    m = Manifest.load(engine_dir)
+    req = make_request(m.data["model"], batch=batch, height=size, width=size, static=static)
+    (job,) = plan_jobs(m, req, "fp16", ["unet"], trt_version, cc)
+    data = plan if plan is not None else fake_plan(UNET_INPUTS, {"out_sample": ("sample", 0.5)}, job.profiles)
+    rel = write_plan(engine_dir, job.key, "unet", data)
+    record_entry(m, "unet", {
+        "key": job.key, "precision": "fp16", "profiles": job.profiles, "static": static,
+        "tensorrt_version": trt_version, "gpu_name": "Fake GPU", "compute_capability": cc, "plan": rel,
+        "size_bytes": len(data), "onnx_sha256": m.component("unet")["sha256"], "fallback_fp32": False})
+    return job
+
+
+@pytest.fixture
+def engine_dir(tmp_path):
+    return make_engine_dir(tmp_path / "engine")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    rt, trt = make_cudart(), make_tensorrt()
+    monkeypatch.setattr(cuda_mod, "_cudart", rt)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return rt, trt
+
+
+def unet_feeds(batch, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((batch, 4, size, size)).astype(np.float32),
+            "timestep": np.full((batch,), 10.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, 8, 16)).astype(np.float32)}
+
+
+def test_importing_the_backend_imports_no_tensorrt_or_cuda():
+    code = ("import sys, sdrt.runtime.backends.tensorrt, sdrt.engines.build, sdrt.engines.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda', 'polygraphy', 'torch')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_tensorrt_names_the_gpu_extra(engine_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError, match=r"tensorrt is not installed .*'sdrt\[gpu\]'"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+
+
+def test_missing_cuda_python_names_the_gpu_extra(engine_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt())
+    monkeypatch.setattr(cuda_mod, "_cudart", None)
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependencyError, match=r"cuda-python is not installed .*'sdrt\[gpu\]'"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+
+
+def test_no_gpu_is_a_clear_user_error(engine_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt())
+    monkeypatch.setattr(cuda_mod, "_cudart", make_cudart(devices=0))
+    with pytest.raises(UserError, match="no CUDA GPU is usable here .*no CUDA-capable device"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+
+
+def test_no_engines_says_to_run_build(engine_dir, fake_gpu):
+    with pytest.raises(UserError, match="unet: no TensorRT engine in .*`sdrt build "):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(trt_version="10.0.1"), "built with TensorRT 10.0.1, running 10.3.0"),
+    (dict(cc="9.0"), "built for compute capability 9.0"),
+])
+def test_stale_engines_are_refused_with_the_reason(engine_dir, fake_gpu, kwargs, needle):
+    add_engine(engine_dir, **kwargs)
+    with pytest.raises(UserError, match="every TensorRT engine .* is stale") as e:
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    assert needle in str(e.value) and "rerun `sdrt build" in str(e.value)
+
+
+def test_reexported_graph_makes_engines_stale(engine_dir, fake_gpu):
+    add_engine(engine_dir)
+    m = Manifest.load(engine_dir)
+    m.data["components"]["unet"]["sha256"] = "f" * 64  # as after a re-export
+    with pytest.raises(UserError, match="ONNX graph changed"):
+        usable_entries(m, "unet", "10.3.0", "8.9")
+
+
+def test_runs_and_reuses_buffers_per_shape(engine_dir, fake_gpu):
+    rt, trt = fake_gpu
+    add_engine(engine_dir)
+    session = TensorRTBackend(max_shape_sets=2).load(Manifest.load(engine_dir), "unet")
+    feeds = unet_feeds(2, 16)
+    out = session.run(feeds)
+    np.testing.assert_array_equal(out["out_sample"], feeds["sample"] * 0.5)
+    allocated = rt.log["malloc"]
+    assert allocated == 4  # three inputs and one output, once
+    out2 = session.run(unet_feeds(2, 16, seed=1))
+    assert rt.log["malloc"] == allocated and not np.shares_memory(out["out_sample"], out2["out_sample"])
+    session.run(unet_feeds(1, 32))
+    assert rt.log["malloc"] == 2 * allocated
+    session.run(unet_feeds(2, 24))  # a third shape set evicts the oldest (max_shape_sets=2)
+    assert rt.log["free"] == allocated
+    np.testing.assert_array_equal(session.run(feeds)["out_sample"], feeds["sample"] * 0.5)
+    session.close()
+    assert not rt.mem
+
+
+def test_request_outside_every_profile_names_the_profiles(engine_dir, fake_gpu):
+    add_engine(engine_dir)
+    session = TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    with pytest.raises(UserError) as e:
+        session.run(unet_feeds(1, 64))  # latent 64 = 128 px, above the 64 px maximum
+    msg = str(e.value)
+    assert "no TensorRT profile accepts sample [1, 4, 64, 64]" in msg
+    assert "sample [1,4,16,16]..[4,4,32,32]" in msg and "--batch/--height/--width" in msg
+
+
+def test_static_engine_picks_the_guided_profile_and_replays_a_cuda_graph(engine_dir, fake_gpu):
+    rt, trt = fake_gpu
+    add_engine(engine_dir, static=True, batch="1", size="32")
+    session = TensorRTBackend(cuda_graph=True).load(Manifest.load(engine_dir), "unet")
+    for _ in range(3):
+        feeds = unet_feeds(2, 16)
+        np.testing.assert_array_equal(session.run(feeds)["out_sample"], feeds["sample"] * 0.5)
+    assert ("profile", 1) in trt.log  # batch 2 = the guided profile
+    # First run executes directly; the second captures and launches; the third only launches.
+    assert trt.log.count(("execute",)) == 2 and rt.log["graph_launch"] == 2
+    feeds = unet_feeds(1, 16)
+    np.testing.assert_array_equal(session.run(feeds)["out_sample"], feeds["sample"] * 0.5)
+    assert trt.log[-2:] == [("profile", 0), ("execute",)]
+
+
+def test_static_and_narrow_entries_are_preferred(engine_dir, fake_gpu):
+    dynamic = add_engine(engine_dir, batch="1:1:4", size="32:64:128")
+    static = add_engine(engine_dir, static=True, batch="1", size="64")
+    entries = usable_entries(Manifest.load(engine_dir), "unet", "10.3.0", "8.9")
+    assert [e["key"] for e in entries] == [static.key, dynamic.key]
+    entry, profile = select_profile("unet", entries, {n: v.shape for n, v in unet_feeds(2, 32).items()})
+    assert entry["key"] == static.key and profile == 1
+    entry, _ = select_profile("unet", entries, {n: v.shape for n, v in unet_feeds(3, 32).items()})
+    assert entry["key"] == dynamic.key
+
+
+def test_corrupt_plan_says_to_rebuild(engine_dir, fake_gpu):
+    add_engine(engine_dir, plan=b"not a plan")
+    session = TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    with pytest.raises(UserError, match="could not deserialize .*rerun `sdrt build"):
+        session.run(unet_feeds(1, 16))
+
+
+def test_feeds_are_checked_before_the_engine(engine_dir, fake_gpu):
+    add_engine(engine_dir)
+    session = TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    feeds = unet_feeds(1, 16)
+    feeds["timestep"] = feeds["timestep"].astype(np.float64)
+    with pytest.raises(UserError, match="timestep.*float64, expected float32"):
+        session.run(feeds)
+
+
+# ---- on a GPU with TensorRT -----------------------------------------------------------------------------
+
+def _gpu_reason():
+    for mod in ("tensorrt", "polygraphy", "onnx_graphsurgeon"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (pip install 'sdrt[gpu]')"
+    if importlib.util.find_spec("cuda") is None:
+        return "cuda-python is not installed (pip install 'sdrt[gpu]')"
+    try:
+        cuda_mod.device_info()
+    except Exception as e:  # noqa: BLE001 - any failure means: no usable GPU here
+        return f"no usable CUDA GPU: {e}"
+    return None
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+def test_build_and_run_on_gpu_matches_onnxruntime(tmp_path):
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    import onnxruntime as ort
+
+    from sdrt.engines.build import build_engines
+
+    engine_dir = make_engine_dir(tmp_path / "engine")
+    entries = build_engines(engine_dir, batch=(1, 1, 2), height=(32, 64, 64), width=(32, 64, 64), log=lambda s: None)
+    assert {e["fallback_fp32"] for e in entries} <= {False, True}
+    m = Manifest.load(engine_dir)
+    backend = TensorRTBackend(cuda_graph=True)
+    for comp, feeds in (("unet", unet_feeds(2, 16)),
+                        ("text_encoder", {"input_ids": np.arange(16, dtype=np.int64).reshape(2, 8)}),
+                        ("vae_decoder", {"latent_sample": unet_feeds(1, 16)["sample"]})):
+        session = backend.load(m, comp)
+        ref = ort.InferenceSession(str(engine_dir / comp / "model.onnx"), providers=["CPUExecutionProvider"])
+        want = dict(zip([o.name for o in ref.get_outputs()], ref.run(None, feeds)))
+        for _ in range(2):
+            got = session.run(feeds)
+            for name, w in want.items():
+                np.testing.assert_allclose(got[name], w, rtol=2e-2, atol=2e-2)
+        session.close()
+
+
+@gpu
+def test_cuda_buffer_roundtrip_on_gpu():
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python is not installed (pip install 'sdrt[gpu]')")
+    try:
+        cuda_mod.device_info()
+    except UserError as e:
+        pytest.skip(str(e))
+    a = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
+    np.testing.assert_array_equal(cuda_mod.roundtrip(a), a)
