@@ -1,0 +1,1 @@
+"""sdrt.runtime: the production stage (numpy, no torch)."""
