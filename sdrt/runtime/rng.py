@@ -88,7 +88,7 @@ class TorchCPUGenerator:
         return data.reshape(shape)
 
 
-def _fma(a: np.ndarray, b, c) -> np.ndarray:
+def fma_float32(a: np.ndarray, b, c) -> np.ndarray:
     """float32 fused multiply-add ``a*b + c``, rounded once, as the compiled AVX2 code does it.
 
     ``a*b`` is exact in float64; the float64 sum is rounded to odd (TwoSum gives its exact error) so that the
@@ -124,10 +124,10 @@ def _log_avx(x: np.ndarray) -> np.ndarray:
     z = x * x
     y = np.full_like(x, _LOG_P[0])
     for p in _LOG_P[1:]:
-        y = _fma(y, x, p)
-    y = _fma(y * x, z, e * _F(-2.12194440e-4))
-    y = _fma(z, _F(-0.5), y)
-    return _fma(e, _F(0.693359375), x + y)
+        y = fma_float32(y, x, p)
+    y = fma_float32(y * x, z, e * _F(-2.12194440e-4))
+    y = fma_float32(z, _F(-0.5), y)
+    return fma_float32(e, _F(0.693359375), x + y)
 
 
 def _sincos_avx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,21 +137,21 @@ def _sincos_avx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     octant = ((x * _F(1.27323954473516)).astype(np.int32) + 1) & ~1  # 4/pi, truncated, rounded up to even
     y = octant.astype(np.float32)
     # extended-precision reduction x - y*pi/4 in three parts (Cody-Waite)
-    x = _fma(y, _F(-0.78515625), x)
-    x = _fma(y, _F(-2.4187564849853515625e-4), x)
-    x = _fma(y, _F(-3.77489497744594108e-8), x)
+    x = fma_float32(y, _F(-0.78515625), x)
+    x = fma_float32(y, _F(-2.4187564849853515625e-4), x)
+    x = fma_float32(y, _F(-3.77489497744594108e-8), x)
     sign_sin = sign_sin ^ ((octant & 4) << 29)
     sign_cos = (~(octant - 2) & 4) << 29
     use_sin_poly = (octant & 2) == 0
     z = x * x
     cos_poly = np.full_like(x, _COS_P[0])
     for p in _COS_P[1:]:
-        cos_poly = _fma(cos_poly, z, p)
-    cos_poly = _fma(cos_poly * z, z, -(z * _F(0.5))) + _F(1)
+        cos_poly = fma_float32(cos_poly, z, p)
+    cos_poly = fma_float32(cos_poly * z, z, -(z * _F(0.5))) + _F(1)
     sin_poly = np.full_like(x, _SIN_P[0])
     for p in _SIN_P[1:]:
-        sin_poly = _fma(sin_poly, z, p)
-    sin_poly = _fma(sin_poly * z, x, x)
+        sin_poly = fma_float32(sin_poly, z, p)
+    sin_poly = fma_float32(sin_poly * z, x, x)
     sin = np.where(use_sin_poly, sin_poly, cos_poly)
     cos = np.where(use_sin_poly, cos_poly, sin_poly)
     return (sin.view(np.int32) ^ sign_sin).view(np.float32), (cos.view(np.int32) ^ sign_cos).view(np.float32)
