@@ -91,17 +91,23 @@ class TorchCPUGenerator:
 def fma_float32(a: np.ndarray, b, c) -> np.ndarray:
     """float32 fused multiply-add ``a*b + c``, rounded once, as the compiled AVX2 code does it.
 
-    ``a*b`` is exact in float64; the float64 sum is rounded to odd (TwoSum gives its exact error) so that the
-    final rounding to float32 is the correct one, with no double-rounding at halfway points.
+    ``a*b`` is exact in float64, so the float64 sum carries one rounding; rounding that to float32 can only
+    differ from the single rounding when the float64 sum sits exactly halfway between two float32 values. Those
+    (rare) entries are redone with the exact TwoSum error deciding the side (round-to-odd).
     """
-    product = np.asarray(a, dtype=np.float64) * np.float64(b)
-    c64 = np.asarray(c, dtype=np.float64)
-    total = product + c64
-    back = total - product
-    error = (product - (total - back)) + (c64 - back)
-    inexact_even = (error != 0) & ((total.view(np.int64) & 1) == 0)
-    total = np.where(inexact_even, np.nextafter(total, np.copysign(np.inf, error)), total)
-    return total.astype(np.float32)
+    total = np.multiply(a, b, dtype=np.float64) + np.asarray(c, dtype=np.float64)
+    result = total.astype(np.float32)
+    # a float32 halfway point has, in float64, a 1 right after the 24 kept bits and zeros below it
+    low = total.view(np.int64) & 0x1FFFFFFF
+    halfway = low == 0x10000000
+    if halfway.any():
+        product, c64 = np.broadcast_arrays(np.multiply(a, b, dtype=np.float64), np.asarray(c, np.float64))
+        p, q, t = product[halfway], c64[halfway], total[halfway]
+        back = t - p
+        error = (p - (t - back)) + (q - back)
+        odd = np.where(error != 0, np.nextafter(t, np.copysign(np.inf, error)), t)
+        result[halfway] = odd.astype(np.float32)
+    return result
 
 
 _F = np.float32
@@ -160,7 +166,7 @@ def _sincos_avx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _box_muller_16(uniforms: np.ndarray) -> np.ndarray:
     """aten ``normal_fill_16_AVX2`` over consecutive blocks of 16 float32 uniforms (j paired with j+8)."""
     blocks = uniforms.reshape(-1, 2, 8)
-    u1 = _F(1) - blocks[:, 0]  # [0, 1) -> (0, 1] for the log
+    u1 = (_F(1) - blocks[:, 0]).reshape(-1)  # [0, 1) -> (0, 1] for the log; contiguous for speed
     radius = np.sqrt(_F(-2) * _log_avx(u1))
-    sin, cos = _sincos_avx(_F(2 * math.pi) * blocks[:, 1])
-    return np.stack([radius * cos, radius * sin], axis=1).reshape(-1)
+    sin, cos = _sincos_avx(_F(2 * math.pi) * blocks[:, 1].reshape(-1))
+    return np.stack([(radius * cos).reshape(-1, 8), (radius * sin).reshape(-1, 8)], axis=1).reshape(-1)
