@@ -135,23 +135,35 @@ def assert_trajectories_match(ours, theirs, rtol=RTOL):
         assert err <= rtol * scale, f"step {step}: max abs diff {err:.3g} vs scale {scale:.3g}"
 
 
+def reference_run(name, config, steps, strength=None):
+    """diffusers' trajectory, or None when diffusers refuses the combination (raises)."""
+    try:
+        return run_diffusers(name, config, steps, strength)
+    except (ValueError, NotImplementedError):
+        return None
+    except IndexError:
+        if strength is not None or not hasattr(getattr(diffusers, DIFFUSERS[name][0]), "set_begin_index"):
+            return None
+    # diffusers' txt2img loop finds its start by looking up timesteps[0] and takes the second match when it
+    # repeats (karras sigmas rounded to integer timesteps), then runs off the end of its sigma table. sdrt starts
+    # at index 0, which is what diffusers does once set_begin_index(0) is called (as its img2img path does).
+    try:
+        sched, out = run_diffusers(name, config, steps, strength, begin_at_zero=True)
+    except (IndexError, ValueError):
+        return None
+    assert (sched.timesteps == sched.timesteps[0]).sum() > 1
+    return sched, out
+
+
 def check_against_diffusers(name, config, steps, strength=None, rtol=RTOL):
     _needs_scipy(name)
-    try:
-        try:
-            theirs_sched, theirs = run_diffusers(name, config, steps, strength)
-        except IndexError:
-            # diffusers' txt2img loop finds its start by looking up timesteps[0] and takes the second match when it
-            # repeats (karras sigmas rounded to integer timesteps), then runs off the end of its sigma table. sdrt
-            # starts at index 0, which is what diffusers does once set_begin_index(0) is called (its img2img path).
-            assert strength is None
-            theirs_sched, theirs = run_diffusers(name, config, steps, strength, begin_at_zero=True)
-            assert (theirs_sched.timesteps == theirs_sched.timesteps[0]).sum() > 1
-    except (ValueError, NotImplementedError):
+    reference = reference_run(name, config, steps, strength)
+    if reference is None:
         # diffusers refuses this combination; sdrt must refuse it too, with a UserError.
         with pytest.raises(UserError):
             run_sdrt(name, config, steps, strength)
         return
+    theirs_sched, theirs = reference
     ours_sched, ours = run_sdrt(name, config, steps, strength)
     # Integer timesteps are equal; fractional (karras) ones to 2e-7: torch's float32 sqrt is not correctly rounded
     # (off by an ulp for ~17% of inputs), so its training-sigma table, hence sigma-to-t, differs in the last bit.
@@ -185,6 +197,15 @@ def test_trajectory_50_steps(name, spacing):
 def test_trajectory_1000_steps(name):
     """1000 steps: the full training schedule (DDPM's native use) and the longest history a multistep holds."""
     check_against_diffusers(name, {**SD15, "timestep_spacing": "trailing"}, 1000)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "lcm"])
+def test_1000_steps_invalid_combinations_are_refused(name):
+    """leading spacing + steps_offset 1 puts the first of 1000 steps at t=1000 (past the table): diffusers fails
+    with an IndexError mid-loop, sdrt refuses up front; LCM refuses more than original_inference_steps."""
+    check_against_diffusers(name, SD15, 1000)
+    with pytest.raises(UserError):
+        make_scheduler(name, SD15, 1000)
 
 
 # ---- img2img -----------------------------------------------------------------------------------------------
@@ -231,6 +252,22 @@ def test_missing_keys_take_each_class_default(name):
     """A bare config: every key defaulted the way each diffusers class defaults it (DDIM clips, Heun/LCM
     have their own beta ranges, LMS/Euler use linspace spacing...)."""
     check_against_diffusers(name, {}, 7)
+
+
+@pytest.mark.parametrize("config", [SD15, {}, {**SD15, "rescale_betas_zero_snr": True},
+                                    {**SD15, "beta_schedule": "squaredcos_cap_v2"},
+                                    {**SD15, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}])
+def test_training_tables_equal_diffusers_bit_for_bit(config):
+    """Bit for bit, except under rescale_betas_zero_snr, which takes square roots: torch's float32 sqrt is not
+    correctly rounded, so there the tables agree to a few ulp (1e-5 relative near the zero-SNR end)."""
+    for name in ("ddim", "lcm", "euler"):
+        class_name, overrides = DIFFUSERS[name]
+        theirs = getattr(diffusers, class_name).from_config(config, **overrides).alphas_cumprod.numpy()
+        ours = make_scheduler(name, config, 10).alphas_cumprod
+        if config.get("rescale_betas_zero_snr"):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=0)
+        else:
+            np.testing.assert_array_equal(ours, theirs)
 
 
 def test_missing_keys_differ_per_class():
@@ -298,6 +335,7 @@ def test_karras_sigmas_from_config(name):
 
 def test_dpmpp_heun_solver_type_and_lower_order_final():
     check_against_diffusers("dpmpp_2m", {**SD15, "solver_type": "heun"}, 7)
+    check_against_diffusers("dpmpp_2m", {**SD15, "lambda_min_clipped": -5.1}, 7)
     check_against_diffusers("dpmpp_2m", {**SD15, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, 20)
 
 

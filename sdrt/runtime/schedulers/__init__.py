@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from sdrt.errors import UserError
 
 from ._config import resolve
@@ -43,6 +45,8 @@ _BY_CLASS = {cls: name for name, (cls, overrides, _) in _REGISTRY.items() if not
 def scheduler_name_for_config(config: dict) -> str:
     """The sdrt name of the scheduler a ``scheduler_config.json`` describes."""
     class_name = config.get("_class_name")
+    if class_name is None:
+        raise UserError(f"the scheduler config names no _class_name; choose a scheduler: {', '.join(SCHEDULER_NAMES)}")
     if class_name == "DPMSolverMultistepScheduler":
         algorithm = config.get("algorithm_type", "dpmsolver++")
         order = int(config.get("solver_order", 2))
@@ -65,7 +69,11 @@ def make_scheduler(name: str | None, config: dict, num_inference_steps: int) -> 
         name = scheduler_name_for_config(config)
     if name not in _REGISTRY:
         raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+    try:
+        steps = operator.index(num_inference_steps) if not isinstance(num_inference_steps, bool) else None
+    except TypeError:
+        steps = None
+    if steps is None or steps < 1:
         raise UserError(f"number of inference steps {num_inference_steps!r} is invalid; use an integer >= 1")
     class_name, overrides, implementation = _REGISTRY[name]
-    return implementation(resolve(class_name, config, overrides), num_inference_steps)
+    return implementation(resolve(class_name, config, overrides), steps)

@@ -33,8 +33,9 @@ def sigma_schedule(cfg: Config, n: int, *, karras_from_config: bool = True) -> t
 
 
 class _SigmaScheduler(SigmaNoising, Scheduler):
-    def _finish(self, timesteps: np.ndarray, sigmas: np.ndarray) -> None:
+    def _finish(self, timesteps: np.ndarray, sigmas: np.ndarray, table: np.ndarray) -> None:
         """Store the per-call tables and the quantities every step uses."""
+        self.alphas_cumprod = table
         self.timesteps = np.asarray(timesteps, dtype=f32)
         self.sigmas = np.asarray(sigmas, dtype=f32)
         top = self.sigmas.max()
@@ -70,7 +71,7 @@ class Euler(_SigmaScheduler):
         super().__init__(cfg, num_inference_steps)
         timesteps, sigmas, table = sigma_schedule(cfg, num_inference_steps)
         last = np.sqrt((f32(1) - table[0]) / table[0]) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-        self._finish(timesteps, np.concatenate([sigmas, [last]]))
+        self._finish(timesteps, np.concatenate([sigmas, [last]]), table)
         self.dt = self.sigmas[1:] - self.sigmas[:-1]
 
     def step(self, state, i, model_output, sample, rng=None):
@@ -88,8 +89,8 @@ class EulerAncestral(_SigmaScheduler):
         super().__init__(cfg, num_inference_steps)
         if cfg["prediction_type"] == "sample":
             raise UserError("euler_a: prediction_type='sample' is not supported (nor is it by diffusers)")
-        timesteps, sigmas, _ = sigma_schedule(cfg, num_inference_steps)
-        self._finish(timesteps, np.concatenate([sigmas, [0.0]]))
+        timesteps, sigmas, table = sigma_schedule(cfg, num_inference_steps)
+        self._finish(timesteps, np.concatenate([sigmas, [0.0]]), table)
         s_from, s_to = self.sigmas[:-1], self.sigmas[1:]
         s_from2, s_to2 = s_from * s_from, s_to * s_to
         self.sigma_up = np.sqrt(s_to2 * (s_from2 - s_to2) / s_from2)
@@ -121,11 +122,11 @@ class Heun(_SigmaScheduler):
 
     def __init__(self, cfg: Config, num_inference_steps: int):
         super().__init__(cfg, num_inference_steps)
-        timesteps, sigmas, _ = sigma_schedule(cfg, num_inference_steps)
+        timesteps, sigmas, table = sigma_schedule(cfg, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(f32)
         sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
         timesteps = np.concatenate([timesteps[:1], timesteps[1:].repeat(2)])
-        self._finish(timesteps, sigmas)
+        self._finish(timesteps, sigmas, table)
         self.clip = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
 
     def init_state(self, begin_index: int = 0):
@@ -164,8 +165,8 @@ class LMS(_SigmaScheduler):
 
     def __init__(self, cfg: Config, num_inference_steps: int):
         super().__init__(cfg, num_inference_steps)
-        timesteps, sigmas, _ = sigma_schedule(cfg, num_inference_steps, karras_from_config=False)
-        self._finish(timesteps, np.concatenate([sigmas, [0.0]]))
+        timesteps, sigmas, table = sigma_schedule(cfg, num_inference_steps, karras_from_config=False)
+        self._finish(timesteps, np.concatenate([sigmas, [0.0]]), table)
         s = self.sigmas.astype(np.float64)
         # diffusers picks the order from the step index (not from how many derivatives it holds)
         self.coeffs = [self._coefficients(s, i, min(i + 1, self.max_order)) for i in range(len(self.timesteps))]
