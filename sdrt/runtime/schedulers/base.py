@@ -28,8 +28,8 @@ class Scheduler:
     """Base class. Subclasses fill the tables in ``__init__`` and implement ``step``."""
 
     name: str = ""
-    order: int = 1
-    stochastic: bool = False  # draws noise from the generator in ``step``
+    order: int = 1  # UNet calls per step as diffusers counts them (heun: 2); scales img2img's begin index
+    stochastic: bool = False  # ``step`` draws noise from ``rng`` (ddpm, euler_a, lcm), so rng must not be None
 
     def __init__(self, cfg: Config, num_inference_steps: int):
         self.config = cfg
@@ -87,18 +87,6 @@ class _State:
     def __init__(self, begin_index: int):
         self.begin_index = begin_index
         self.steps_done = 0
-
-
-def to_x0(prediction_type: str, model_output, sample, alpha_t, sigma_t):
-    """The clean-sample estimate from a model output (alpha/sigma parametrisation; float32 op order of diffusers).
-
-    epsilon: (x - sigma_t*eps)/alpha_t; v: alpha_t*x - sigma_t*v; sample: the output itself.
-    """
-    if prediction_type == "epsilon":
-        return (sample - sigma_t * model_output) / alpha_t
-    if prediction_type == "v_prediction":
-        return alpha_t * sample - sigma_t * model_output
-    return model_output
 
 
 class AlphaNoising:

@@ -87,7 +87,7 @@ class DPMSolverPP2M(_Multistep):
     def _build(self, cfg: Config, num_inference_steps: int) -> None:
         if cfg["algorithm_type"] != "dpmsolver++" or int(cfg["solver_order"]) != 2:
             raise UserError("dpmpp_2m: only algorithm_type='dpmsolver++' with solver_order=2 is supported")
-        solver_type = cfg["solver_type"] if cfg["solver_type"] in ("midpoint", "heun") else "midpoint"
+        solver_type = _solver_type(cfg, ("midpoint", "heun"), ("logrho", "bh1", "bh2"), "midpoint")
         train = int(cfg["num_train_timesteps"])
         clipped = 0
         if cfg["lambda_min_clipped"] != -math.inf:
@@ -96,7 +96,6 @@ class DPMSolverPP2M(_Multistep):
             clipped = int(np.searchsorted(lambda_train[::-1], cfg["lambda_min_clipped"]))
         self._schedule(cfg, num_inference_steps, train - clipped, cfg["beta_schedule"] != "squaredcos_cap_v2")
         n = len(self.timesteps)
-        self.num_calls = n
         # x_t = c_sample * x - c_first * D0 [- c_second * D1], D1 = inv_r0 * (D0 - D0_prev)
         self.c_sample = np.zeros(n, dtype=f32)
         self.c_first = np.zeros(n, dtype=f32)
@@ -114,12 +113,13 @@ class DPMSolverPP2M(_Multistep):
             if i > 0:
                 r0 = f32(self.lambdas[i] - self.lambdas[i - 1]) / h
                 self.inv_r0[i] = f32(1) / r0
-        last = n - 1
+        # diffusers: the last step is first order with euler_at_final, with lower_order_final under 15 steps,
+        # and always when the final sigma is zero (the second-order term would divide by h = inf)
+        self._last = n - 1
         self.first_order_at_last = (
             bool(cfg["euler_at_final"]) or (bool(cfg["lower_order_final"]) and n < 15)
             or cfg["final_sigmas_type"] == "zero"
         )
-        self._last = last
 
     def step(self, state: _MultistepState, i, model_output, sample, rng=None):
         x0 = self._convert(model_output, sample, i)
@@ -149,7 +149,7 @@ class UniPC(_Multistep):
         if self.solver_order < 1:
             raise UserError(f"unipc: solver_order={self.solver_order} must be at least 1")
         self.predict_x0 = bool(cfg["predict_x0"])
-        self.bh1 = cfg["solver_type"] == "bh1"
+        self.bh1 = _solver_type(cfg, ("bh1", "bh2"), ("midpoint", "heun", "logrho"), "bh2") == "bh1"
         self.disable_corrector = {int(k) for k in (cfg["disable_corrector"] or ())}
         self._schedule(cfg, num_inference_steps, int(cfg["num_train_timesteps"]), True)
         n = len(self.timesteps)
@@ -231,6 +231,16 @@ class UniPC(_Multistep):
         else:
             res = rhos[-1] * d1_t
         return x_t_ - c_res * res
+
+
+def _solver_type(cfg: Config, own: tuple, mapped: tuple, default: str) -> str:
+    """diffusers maps the other solver family's solver_type names to its default and refuses anything else."""
+    value = cfg["solver_type"]
+    if value in own:
+        return value
+    if value in mapped:
+        return default
+    raise UserError(f"{cfg.class_name}: solver_type={value!r} is not supported; supported: {', '.join(own)}")
 
 
 def _weighted_sum(weights, arrays):

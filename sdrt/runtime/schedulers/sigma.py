@@ -16,7 +16,7 @@ from ._config import (Config, alphas_cumprod, f32, karras_bounds, karras_sigmas,
 from .base import Scheduler, SigmaNoising, _State
 
 
-def sigma_schedule(cfg: Config, n: int, *, karras_from_config: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sigma_schedule(cfg: Config, n: int, *, karras_from_config: bool = True) -> tuple[np.ndarray, ...]:
     """(timesteps, sigmas without the final entry (float64), alphas_cumprod) for the discrete k-samplers."""
     table = alphas_cumprod(cfg, zero_snr_floor=True)
     timesteps = spaced_timesteps_float(cfg, n)
