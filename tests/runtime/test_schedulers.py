@@ -136,22 +136,25 @@ def assert_trajectories_match(ours, theirs, rtol=RTOL):
 
 
 def reference_run(name, config, steps, strength=None):
-    """diffusers' trajectory, or None when diffusers refuses the combination (raises)."""
+    """diffusers' trajectory, or None when diffusers refuses the combination (raises, or returns NaN)."""
     try:
-        return run_diffusers(name, config, steps, strength)
-    except (ValueError, NotImplementedError):
+        sched, out = run_diffusers(name, config, steps, strength)
+    except (ValueError, NotImplementedError, AssertionError):  # diffusers asserts in UniPC.step
         return None
     except IndexError:
+        # diffusers' txt2img loop finds its start by looking up timesteps[0] and takes the second match when it
+        # repeats (karras sigmas rounded to integer timesteps), then runs off the end of its sigma table. sdrt
+        # starts at index 0, which is what diffusers does once set_begin_index(0) is called (its img2img path).
         if strength is not None or not hasattr(getattr(diffusers, DIFFUSERS[name][0]), "set_begin_index"):
             return None
-    # diffusers' txt2img loop finds its start by looking up timesteps[0] and takes the second match when it
-    # repeats (karras sigmas rounded to integer timesteps), then runs off the end of its sigma table. sdrt starts
-    # at index 0, which is what diffusers does once set_begin_index(0) is called (as its img2img path does).
-    try:
-        sched, out = run_diffusers(name, config, steps, strength, begin_at_zero=True)
-    except (IndexError, ValueError):
-        return None
-    assert (sched.timesteps == sched.timesteps[0]).sum() > 1
+        try:
+            sched, out = run_diffusers(name, config, steps, strength, begin_at_zero=True)
+        except (IndexError, ValueError):
+            return None
+        if (sched.timesteps == sched.timesteps[0]).sum() < 2:
+            return None
+    if not all(np.isfinite(x).all() for x in out):
+        return None  # e.g. DPM-Solver/UniPC with repeated timesteps: h = 0, diffusers divides by it
     return sched, out
 
 
@@ -177,7 +180,7 @@ def check_against_diffusers(name, config, steps, strength=None, rtol=RTOL):
 
 # ---- the grid --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("steps", [1, 2, 7, 25])
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
@@ -187,16 +190,16 @@ def test_trajectory_matches_diffusers(name, prediction, spacing, steps):
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
-def test_trajectory_50_steps(name, spacing):
-    config = {**SD15, "timestep_spacing": spacing, "prediction_type": "v_prediction" if name == "lms" else "epsilon"}
-    check_against_diffusers(name, config, 50)
+@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n not in ("lcm", "lms")])
+def test_trajectory_1000_steps(name, spacing):
+    """1000 steps: the full training schedule (DDPM's native use) and the longest history a multistep holds.
+    (leading + steps_offset 1 is invalid at 1000 steps for the integer-timestep schedulers: refused, see below.)"""
+    check_against_diffusers(name, {**SD15, "timestep_spacing": spacing}, 1000)
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n != "lcm"])
-def test_trajectory_1000_steps(name):
-    """1000 steps: the full training schedule (DDPM's native use) and the longest history a multistep holds."""
-    check_against_diffusers(name, {**SD15, "timestep_spacing": "trailing"}, 1000)
+def test_trajectory_1000_steps_lms():
+    """LMS once only: diffusers integrates its coefficients with scipy's quad at every step (seconds per run)."""
+    check_against_diffusers("lms", {**SD15, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 1000)
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "pndm", "lcm"])

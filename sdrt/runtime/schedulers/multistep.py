@@ -53,6 +53,11 @@ class _Multistep(VPSigmaNoising, Scheduler):
             last = np.sqrt((f32(1) - table[0]) / table[0])
         self.sigmas = np.concatenate([sigmas, [last]]).astype(f32)
         self.timesteps = np.asarray(timesteps).astype(np.int64)
+        if np.any(self.sigmas[1:-1] == self.sigmas[:-2]):
+            raise UserError(
+                f"{self.name}: {n} steps with timestep_spacing={cfg['timestep_spacing']!r} repeat a timestep, where "
+                f"this solver's step size is zero (diffusers returns NaN); use fewer steps"
+            )
         self.alphas_cumprod = table
         self.alpha_t, self.sigma_t = np.array([alpha_sigma(s) for s in self.sigmas], dtype=f32).T
         self.lambdas = np.array([lambda32(s) for s in self.sigmas], dtype=f32)
