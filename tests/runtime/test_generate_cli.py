@@ -1,0 +1,118 @@
+"""`sdrt generate` end to end through the CLI: files, PNG parameters, preview, errors as one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrt.runtime.images import read_png_parameters
+from tests.conftest import ROOT, run_cli
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine, tmp_path):
+    out = tmp_path / "x.png"
+    gif = tmp_path / "p.gif"
+    r = run_cli("generate", sd1_engine, "a red circle", "-o", out, "--num-images", 2, "--steps", 4, "--seed", 42,
+                "--scheduler", "euler_a", "--negative-prompt", "blurry", "--preview", gif)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["p.gif", "x-0.png", "x-1.png"]
+    params = read_png_parameters(tmp_path / "x-0.png")
+    assert params.startswith("a red circle\nNegative prompt: blurry\n")
+    assert "Steps: 4" in params and "Seed: 42" in params and "Euler a" in params and "Size: 32x32" in params
+    with Image.open(gif) as g:
+        assert g.n_frames >= 3 and g.size == (32, 32)
+    a, b = (np.asarray(Image.open(tmp_path / f"x-{i}.png")) for i in range(2))
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
+    assert "denoise" in r.stderr and "ms/step" in r.stderr  # progress bar and per-stage times
+
+
+def test_same_seed_same_image_and_model_scheduler_by_default(sd2_engine, tmp_path):
+    for name in ("a.png", "b.png"):
+        r = run_cli("generate", sd2_engine, "a blue square", "-o", tmp_path / name, "--steps", 3, "--seed", 5, "-q")
+        assert r.returncode == 0, r.stderr
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    np.testing.assert_array_equal(a, b)
+    assert "Sampler: DDIM" in read_png_parameters(tmp_path / "a.png")
+
+
+def test_img2img_from_the_command_line(sd1_engine, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(init)
+    r = run_cli("generate", sd1_engine, "a cat", "--init-image", init, "--strength", 0.5, "--steps", 4,
+                "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o.png").size == (48, 40)
+    assert "Denoising strength: 0.5" in read_png_parameters(tmp_path / "o.png")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--height", "33"], ["height 33", "multiple of 2"]),
+    (["--steps", "0"], ["steps 0"]),
+    (["--guidance", "-2"], ["guidance -2"]),
+    (["--num-images", "0"], ["number of images 0"]),
+    (["--scheduler", "magic"], ["'magic'", "dpmpp_2m_karras"]),
+    (["--backend", "gpu9000"], ["gpu9000"]),
+    (["--init-image", "/nonexistent.png"], ["/nonexistent.png"]),
+    (["--init-image", "/nonexistent.png", "--strength", "0"], ["/nonexistent.png"]),
+    (["-o", "out.jpg"], ["out.jpg", ".png"]),
+])
+def test_bad_input_is_one_line(sd1_engine, tmp_path, args, needles):
+    _one_line_error(run_cli("generate", sd1_engine, "x", "--steps", "2", *args, "-q",
+                            *([] if "-o" in args else ["-o", str(tmp_path / "o.png")])), *needles)
+
+
+def test_bad_strength_and_unreadable_image(sd1_engine, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(init)
+    _one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", init, "--strength", "1.5", "-q",
+                            "-o", tmp_path / "o.png"), "strength 1.5")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    _one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", bad, "-q", "-o", tmp_path / "o.png"),
+                    "bad.png")
+
+
+def test_missing_or_corrupt_engine_directory(sd1_engine, tmp_path):
+    import shutil
+
+    _one_line_error(run_cli("generate", tmp_path / "none", "x", "-q"), "does not exist")
+    broken = tmp_path / "e"
+    shutil.copytree(sd1_engine, broken)
+    (broken / "vae_decoder" / "model.onnx").write_bytes(b"\0" * 10)
+    _one_line_error(run_cli("generate", broken, "x", "-q", "-o", tmp_path / "o.png"), "vae_decoder")
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys; import sdrt.runtime; from sdrt.runtime import Pipeline; import sdrt.runtime.cli; "
+            "import sdrt.runtime.backends.onnxruntime, sdrt.runtime.backends.tensorrt; "
+            "from sdrt.cli import build_parser; build_parser(); "
+            "print(sorted({'torch', 'transformers', 'diffusers', 'tensorrt'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_openvino_backend_matches_the_default(sd1_engine):
+    pytest.importorskip("openvino")
+    from sdrt.runtime import Pipeline
+    from sdrt.runtime.images import images_psnr
+
+    kw = dict(steps=3, seed=9, scheduler="dpmpp_2m", num_images=2)
+    ov = Pipeline(sd1_engine, backend="openvino").generate("a yellow triangle", **kw)
+    ort = Pipeline(sd1_engine).generate("a yellow triangle", **kw)
+    for a, b in zip(ov.images, ort.images):
+        assert images_psnr(a, b) >= 40
