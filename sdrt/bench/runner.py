@@ -184,7 +184,7 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
                 for k, v in feeds.items():
                     paths[k] = str(scratch / f"in-{comp}-{k}.npy")
                     np.save(paths[k], v)
-                outs = {n: w.ask(cmd="component", name=comp, inputs=paths, tag="parity")["outputs"]
+                outs = {n: w.ask(cmd="component", name=comp, inputs=paths, tag=f"parity-{n}")["outputs"]
                         for n, w in workers.items()}
                 key = next(iter(outs["sdrt"]))
                 a, b = np.load(outs["sdrt"][key]), np.load(outs["diffusers"][key])

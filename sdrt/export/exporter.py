@@ -18,8 +18,6 @@ from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_
                                    write_json_atomic)
 
 DEFAULT_OPSET = 17
-# Which diffusers/transformers model each component is traced from.
-SOURCE_OF = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 def parse_components(text: str | Sequence[str] | None) -> list[str]:
@@ -111,7 +109,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
 
     import torch
 
-    from sdrt.export.graphs import export_graph, example_inputs, graph_specs
+    from sdrt.export.graphs import WRAPPERS, example_inputs, export_graph, graph_specs
     from sdrt.export.parity import check_parity
     from sdrt.export.tokenizer import export_tokenizer
 
@@ -132,7 +130,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         bar = _progress(comps, progress)
         for comp in bar:
             t0 = time.perf_counter()
-            source = SOURCE_OF[comp]
+            source = WRAPPERS[comp][1]
             if source not in loaded:
                 loaded.clear()
                 gc.collect()

@@ -63,6 +63,28 @@ class VaeEncoderGraph(torch.nn.Module):
         return h
 
 
+# component -> (wrapper class, the diffusers/transformers model it wraps)
+WRAPPERS = {
+    "text_encoder": (TextEncoderGraph, "text_encoder"),
+    "unet": (UNetGraph, "unet"),
+    "vae_decoder": (VaeDecoderGraph, "vae"),
+    "vae_encoder": (VaeEncoderGraph, "vae"),
+}
+# component -> (input names, output names): the engine directory's contract
+GRAPH_IO = {
+    "text_encoder": (("input_ids",), ("last_hidden_state", "pooler_output")),
+    "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
+    "vae_decoder": (("latent_sample",), ("sample",)),
+    "vae_encoder": (("sample",), ("latent_parameters",)),
+}
+
+
+def graph_module(component: str, models: dict) -> torch.nn.Module:
+    """The traced module of ``component``, wrapping ``models`` ({"text_encoder", "unet", "vae"} -> module)."""
+    cls, source = WRAPPERS[component]
+    return cls(models[source])
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """How to trace one component: its wrapper, IO names, symbolic shapes and example inputs."""
@@ -85,25 +107,24 @@ def graph_specs(numbers: dict) -> dict[str, GraphSpec]:
     img_c = numbers["image_channels"]
     f32, i64 = "float32", "int64"
     latent = ("batch", c, "latent_height", "latent_width")
-    return {
-        "text_encoder": GraphSpec(
-            "text_encoder", lambda m: TextEncoderGraph(m["text_encoder"]),
-            inputs=(("input_ids", i64, ("batch", L)),),
-            outputs=(("last_hidden_state", f32, ("batch", L, hidden)), ("pooler_output", f32, ("batch", hidden)))),
-        "unet": GraphSpec(
-            "unet", lambda m: UNetGraph(m["unet"]),
-            inputs=(("sample", f32, latent), ("timestep", f32, ("batch",)),
-                    ("encoder_hidden_states", f32, ("batch", L, hidden))),
-            outputs=(("out_sample", f32, latent),)),
-        "vae_decoder": GraphSpec(
-            "vae_decoder", lambda m: VaeDecoderGraph(m["vae"]),
-            inputs=(("latent_sample", f32, latent),),
-            outputs=(("sample", f32, ("batch", img_c, "height", "width")),)),
-        "vae_encoder": GraphSpec(
-            "vae_encoder", lambda m: VaeEncoderGraph(m["vae"]),
-            inputs=(("sample", f32, ("batch", img_c, "height", "width")),),
-            outputs=(("latent_parameters", f32, ("batch", 2 * c, "latent_height", "latent_width")),)),
+    shapes = {
+        "text_encoder": ((i64, ("batch", L)),
+                         (f32, ("batch", L, hidden)), (f32, ("batch", hidden))),
+        "unet": ((f32, latent), (f32, ("batch",)), (f32, ("batch", L, hidden)),
+                 (f32, latent)),
+        "vae_decoder": ((f32, latent),
+                        (f32, ("batch", img_c, "height", "width"))),
+        "vae_encoder": ((f32, ("batch", img_c, "height", "width")),
+                        (f32, ("batch", 2 * c, "latent_height", "latent_width"))),
     }
+    specs = {}
+    for comp, (ins, outs) in GRAPH_IO.items():
+        typed = shapes[comp]
+        specs[comp] = GraphSpec(
+            comp, lambda m, comp=comp: graph_module(comp, m),
+            inputs=tuple((n, *typed[i]) for i, n in enumerate(ins)),
+            outputs=tuple((n, *typed[len(ins) + i]) for i, n in enumerate(outs)))
+    return specs
 
 
 def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, latent_w: int,

@@ -16,7 +16,7 @@ from sdrt.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_
 
 MODEL = {
     "latent_channels": 4, "vae_scale_factor": 2, "scaling_factor": 0.5, "shift_factor": None,
-    "sample_size": 32, "default_height": 64, "default_width": 64, "image_channels": 3,
+    "sample_size": 32, "default_height": 64, "default_width": 64, "size_multiple": 16, "image_channels": 3,
     "text_hidden_size": 16, "text_max_length": 8, "pad_token": "<|endoftext|>", "pad_token_id": 255,
     "prediction_type": "epsilon", "scheduler_class": "PNDMScheduler",
 }
