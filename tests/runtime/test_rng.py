@@ -11,6 +11,7 @@ torch itself takes a libm path that differs by a few ulp, so there we only asser
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,8 @@ def test_runtime_imports_no_torch():
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
