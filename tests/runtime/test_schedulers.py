@@ -454,3 +454,30 @@ def test_stochastic_scheduler_needs_rng():
     x = np.zeros(SHAPE, dtype=np.float32)
     with pytest.raises(ValueError, match="rng"):
         sched.step(sched.init_state(), 0, x, x, None)
+
+
+# ---- real model configs, as shipped ------------------------------------------------------------------------
+
+SD21_V = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+          "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+          "trained_betas": None}
+SDXL = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+        "use_karras_sigmas": False}
+LCM_DREAMSHAPER = {"_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+                   "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000, "original_inference_steps": 50,
+                   "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "sample_max_value": 1.0,
+                   "set_alpha_to_one": True, "steps_offset": 1, "thresholding": False, "timestep_scaling": 10.0,
+                   "timestep_spacing": "leading", "trained_betas": None}
+
+
+@pytest.mark.parametrize("config, own", [(SD15, "pndm"), (SD21_V, "ddim"), (SDXL, "euler"), (LCM_DREAMSHAPER, "lcm")])
+@pytest.mark.parametrize("name", (None,) + SCHEDULER_NAMES)
+def test_shipped_configs(config, own, name):
+    assert scheduler_name_for_config(config) == own
+    steps = 4 if (name or own) == "lcm" else 20
+    check_against_diffusers(name or own, config, steps)
