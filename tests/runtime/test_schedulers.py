@@ -481,3 +481,20 @@ def test_shipped_configs(config, own, name):
     assert scheduler_name_for_config(config) == own
     steps = 4 if (name or own) == "lcm" else 20
     check_against_diffusers(name or own, config, steps)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_karras", "heun", "euler", "unipc"])
+def test_karras_bounds_read_from_any_config(name):
+    """diffusers' karras conversion reads sigma_min/sigma_max off the config even where the class does not take
+    them (DPM-Solver, Heun), so an Euler-style config's bounds apply to every karras scheduler."""
+    config = {**SD15, "sigma_min": 0.1, "sigma_max": 10.0,
+              "use_karras_sigmas": name != "dpmpp_2m_karras" or None}
+    config = {k: v for k, v in config.items() if v is not None}
+    check_against_diffusers(name, config, 7)
+    assert make_scheduler(name, config, 7).sigmas[0] == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+def test_trained_betas(name):
+    betas = list(np.linspace(0.0002, 0.015, 1000))
+    check_against_diffusers(name, {**SD15, "trained_betas": betas}, 7)
