@@ -350,6 +350,14 @@ def test_unipc_options(options):
     check_against_diffusers("unipc", {**SD15, **options}, 7)
 
 
+def test_unipc_noise_prediction_to_zero_sigma_is_refused():
+    """diffusers returns NaN here (0 * inf in the last update); sdrt says why instead."""
+    config = {**SD15, "predict_x0": False}
+    assert reference_run("unipc", config, 7) is None
+    with pytest.raises(UserError, match="predict_x0"):
+        make_scheduler("unipc", config, 7)
+
+
 def test_ddpm_fixed_large_variance():
     check_against_diffusers("ddpm", {**SD15, "variance_type": "fixed_large"}, 7)
 
