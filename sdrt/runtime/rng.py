@@ -17,7 +17,7 @@ means in diffusers. What torch does (aten ``normal_kernel`` / ``normal_fill``, `
 * a tensor of fewer than 16 elements takes one double-precision normal per element: two 53-bit uniforms
   from two 64-bit draws (each two 32-bit draws, high word first), Box-Muller in double, the cos value
   returned and the sin value cached in the generator for the next scalar normal (the cache outlives the
-  call and is untouched by the vectorised path).
+  call and is untouched by the vectorised path). Python's ``math`` calls the same libm as torch here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def _mt19937_state(seed: int) -> np.ndarray:
 
 
 class TorchCPUGenerator:
-    """Bit-compatible stand-in for ``torch.Generator("cpu").manual_seed(seed)`` (``randn`` only)."""
+    """Bit-compatible stand-in for ``torch.Generator("cpu").manual_seed(seed)`` (``randn`` only).
+
+    Stateful like torch's: use one per generation call, not one shared between threads.
+    """
 
     def __init__(self, seed: int):
         seed = int(seed) % (1 << 64)  # torch takes the seed as uint64 (negative seeds wrap)

@@ -3,14 +3,16 @@
 The requirement is "exactly, or within one float32 ulp"; we assert **exact** equality (``array_equal``) on
 x86, because the generator reproduces torch's x86 kernel operation for operation: mt19937, 24-bit uniforms,
 and the AVX2 Box-Muller with avx_mathfun's Cephes log/sincos polynomials and the FMAs the compiler fused
-(see ``sdrt/runtime/rng.py``). The scalar path (< 16 elements) is double precision Box-Muller with Python's
-correctly-rounded-enough libm, then one rounding to float32, and also matches exactly. On a CPU without AVX2
-torch itself takes a libm path that differs by a few ulp, so there we only assert a 4-ulp bound.
+(see ``sdrt/runtime/rng.py``). The scalar path (< 16 elements) is double-precision Box-Muller through Python's
+``math`` module, which calls the same libm functions (log1p, sin, cos) torch calls, then one rounding to
+float32, so it matches exactly too. On a CPU without AVX2 torch itself takes a libm float32 path that differs
+from its x86 results by a few ulp, so there we only assert a 4-ulp bound.
 """
 
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +90,8 @@ def test_runtime_imports_no_torch():
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

@@ -350,6 +350,14 @@ def test_unipc_options(options):
     check_against_diffusers("unipc", {**SD15, **options}, 7)
 
 
+def test_unipc_noise_prediction_to_zero_sigma_is_refused():
+    """diffusers returns NaN here (0 * inf in the last update); sdrt says why instead."""
+    config = {**SD15, "predict_x0": False}
+    assert reference_run("unipc", config, 7) is None
+    with pytest.raises(UserError, match="predict_x0"):
+        make_scheduler("unipc", config, 7)
+
+
 def test_ddpm_fixed_large_variance():
     check_against_diffusers("ddpm", {**SD15, "variance_type": "fixed_large"}, 7)
 
@@ -454,3 +462,47 @@ def test_stochastic_scheduler_needs_rng():
     x = np.zeros(SHAPE, dtype=np.float32)
     with pytest.raises(ValueError, match="rng"):
         sched.step(sched.init_state(), 0, x, x, None)
+
+
+# ---- real model configs, as shipped ------------------------------------------------------------------------
+
+SD21_V = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+          "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+          "trained_betas": None}
+SDXL = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+        "use_karras_sigmas": False}
+LCM_DREAMSHAPER = {"_class_name": "LCMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                   "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+                   "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000, "original_inference_steps": 50,
+                   "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "sample_max_value": 1.0,
+                   "set_alpha_to_one": True, "steps_offset": 1, "thresholding": False, "timestep_scaling": 10.0,
+                   "timestep_spacing": "leading", "trained_betas": None}
+
+
+@pytest.mark.parametrize("config, own", [(SD15, "pndm"), (SD21_V, "ddim"), (SDXL, "euler"), (LCM_DREAMSHAPER, "lcm")])
+@pytest.mark.parametrize("name", (None,) + SCHEDULER_NAMES)
+def test_shipped_configs(config, own, name):
+    assert scheduler_name_for_config(config) == own
+    steps = 4 if (name or own) == "lcm" else 20
+    check_against_diffusers(name or own, config, steps)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_karras", "heun", "euler", "unipc"])
+def test_karras_bounds_read_from_any_config(name):
+    """diffusers' karras conversion reads sigma_min/sigma_max off the config even where the class does not take
+    them (DPM-Solver, Heun), so an Euler-style config's bounds apply to every karras scheduler."""
+    config = {**SD15, "sigma_min": 0.1, "sigma_max": 10.0,
+              "use_karras_sigmas": name != "dpmpp_2m_karras" or None}
+    config = {k: v for k, v in config.items() if v is not None}
+    check_against_diffusers(name, config, 7)
+    assert make_scheduler(name, config, 7).sigmas[0] == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "dpmpp_2m"])
+def test_trained_betas(name):
+    betas = list(np.linspace(0.0002, 0.015, 1000))
+    check_against_diffusers(name, {**SD15, "trained_betas": betas}, 7)

@@ -157,6 +157,9 @@ class UniPC(_Multistep):
         self.bh1 = _solver_type(cfg, ("bh1", "bh2"), ("midpoint", "heun", "logrho"), "bh2") == "bh1"
         self.disable_corrector = {int(k) for k in (cfg["disable_corrector"] or ())}
         self._schedule(cfg, num_inference_steps, int(cfg["num_train_timesteps"]), True)
+        if not self.predict_x0 and self.sigmas[-1] == 0:
+            raise UserError("unipc: predict_x0=false needs final_sigmas_type='sigma_min' (at a zero final sigma the "
+                            "noise-prediction update is 0 * inf; diffusers returns NaN)")
         n = len(self.timesteps)
         self.lower_order_final = bool(cfg["lower_order_final"])
         # coefficient tables: [i][order] -> tuple, for the predictor at i and the corrector at i

@@ -158,7 +158,7 @@ class _LMSState(_State):
 
 class LMS(_SigmaScheduler):
     """k-diffusion ``sample_lms``: linear multistep of order up to 4, coefficients by integrating the Lagrange
-    basis over [sigma_i, sigma_i+1] (exact polynomial integration; diffusers uses scipy's quad)."""
+    basis over [sigma_i, sigma_i+1] (exact Gauss-Legendre quadrature; diffusers uses scipy's quad)."""
 
     name = "lms"
     max_order = 4
@@ -167,21 +167,7 @@ class LMS(_SigmaScheduler):
         super().__init__(cfg, num_inference_steps)
         timesteps, sigmas, table = sigma_schedule(cfg, num_inference_steps, karras_from_config=False)
         self._finish(timesteps, np.concatenate([sigmas, [0.0]]), table)
-        s = self.sigmas.astype(np.float64)
-        # diffusers picks the order from the step index (not from how many derivatives it holds)
-        self.coeffs = [self._coefficients(s, i, min(i + 1, self.max_order)) for i in range(len(self.timesteps))]
-
-    @staticmethod
-    def _coefficients(s: np.ndarray, i: int, order: int) -> np.ndarray:
-        out = np.zeros(order, dtype=f32)
-        for j in range(order):
-            poly = np.poly1d([1.0])
-            for k in range(order):
-                if k != j:
-                    poly = poly * np.poly1d([1.0, -s[i - k]]) / (s[i - j] - s[i - k])
-            antiderivative = poly.integ()
-            out[j] = antiderivative(s[i + 1]) - antiderivative(s[i])
-        return out
+        self.coeffs = _lms_coefficients(self.sigmas.astype(np.float64), self.max_order)
 
     def init_state(self, begin_index: int = 0):
         return _LMSState(begin_index)
@@ -193,3 +179,33 @@ class LMS(_SigmaScheduler):
         for coeff, d in zip(self.coeffs[i], reversed(state.derivatives)):
             update = coeff * d if update is None else update + coeff * d
         return sample + update
+
+
+def _lms_coefficients(s: np.ndarray, max_order: int) -> list[np.ndarray]:
+    """Per step i, the integrals over [s_i, s_i+1] of the Lagrange basis polynomials on s_i, s_i-1, ... .
+
+    The order is min(i + 1, max_order), picked from the step index as diffusers does (not from how many
+    derivatives the call holds). The basis has degree <= 3, so 3-point Gauss-Legendre quadrature is exact.
+    """
+    n = len(s) - 1
+    nodes, weights = np.polynomial.legendre.leggauss(3)
+    i = np.arange(n)
+    order = np.minimum(i + 1, max_order)
+    hist = np.maximum(i[:, None] - np.arange(max_order)[None, :], 0)  # [i, k] -> i - k
+    s_hist = s[hist]  # (n, K)
+    x = (s[i] + s[i + 1])[:, None] / 2 + (s[i + 1] - s[i])[:, None] / 2 * nodes[None, :]  # (n, Q)
+    valid = np.arange(max_order)[None, :] < order[:, None]  # (n, K)
+    out = []
+    basis = np.ones((n, max_order, len(nodes)))  # [i, j, q]
+    for j in range(max_order):
+        for k in range(max_order):
+            if k == j:
+                continue
+            use = (valid[:, j] & valid[:, k])[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                factor = (x - s_hist[:, k, None]) / (s_hist[:, j, None] - s_hist[:, k, None])
+            basis[:, j, :] *= np.where(use, factor, 1.0)
+    integrals = (s[i + 1] - s[i])[:, None] / 2 * (basis * weights[None, None, :]).sum(axis=2)  # (n, K)
+    for step in range(n):
+        out.append(integrals[step, : order[step]].astype(f32))
+    return out
