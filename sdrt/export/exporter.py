@@ -18,6 +18,7 @@ from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_
                                    write_json_atomic)
 
 DEFAULT_OPSET = 17
+VARIANT_FILE = "model.ort.onnx"  # the UNet with fused attention, for ONNX Runtime's CPU provider
 
 
 def parse_components(text: str | Sequence[str] | None) -> list[str]:
@@ -88,7 +89,7 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
 
 def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
                  opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
-                 allow_pickle: bool = False, progress: bool = True,
+                 allow_pickle: bool = False, progress: bool = True, fused_attention: bool = True,
                  log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
 
@@ -137,21 +138,30 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 loaded[source] = _load_source(ckpt, source, allow_pickle)
             spec = specs[comp]
             module = spec.wrap(loaded).eval()
+            check_inputs = example_inputs(spec, numbers, *check_shape, vocab, seed=1)
+            outputs = [n for n, _, _ in spec.outputs]
+            variants = {}
             _set_postfix(bar, comp, "tracing")
-            graph, data_file = export_graph(
-                spec, module, example_inputs(spec, numbers, *trace_shape, vocab, seed=0), tmp / comp, opset)
+            if comp == "unet" and fused_attention:
+                graph, data_file, variants = _export_unet_variants(
+                    spec, module, loaded["unet"], example_inputs(spec, numbers, *trace_shape, vocab, seed=0),
+                    tmp / comp, opset, check_inputs, outputs)
+                _set_postfix(bar, comp, "parity")
+            else:
+                graph, data_file = export_graph(
+                    spec, module, example_inputs(spec, numbers, *trace_shape, vocab, seed=0), tmp / comp, opset)
             _set_postfix(bar, comp, "parity")
-            parity = check_parity(
-                comp, graph, module, example_inputs(spec, numbers, *check_shape, vocab, seed=1),
-                [n for n, _, _ in spec.outputs])
+            parity = check_parity(comp, graph, module, check_inputs, outputs)
             files = [graph] + ([graph.parent / data_file] if data_file else [])
             digest, size = sha256_files(files)
             entries[comp] = {
-                "file": f"{comp}/model.onnx", "data_file": data_file, "sha256": digest, "size_bytes": size,
+                "file": f"{comp}/{graph.name}", "data_file": data_file, "sha256": digest, "size_bytes": size,
                 "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
                 "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
                 "parity": parity, "export_s": round(time.perf_counter() - t0, 2),
             }
+            if variants:
+                entries[comp]["variants"] = variants
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
         loaded.clear()
@@ -168,6 +178,36 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+    """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
+    MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
+    standard ops (TensorRT, OpenVINO, other providers). Both are checked against PyTorch."""
+    import onnx
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdrt.export.attention import CONTRIB_DOMAIN, expand_attention, fuse_attention
+    from sdrt.export.graphs import export_graph
+    from sdrt.export.parity import check_parity
+
+    original = unet.attn_processors
+    fuse_attention(unet)
+    try:
+        fused, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, name=VARIANT_FILE,
+                                        custom_opsets={CONTRIB_DOMAIN: 1})
+    finally:
+        unet.set_attn_processor(original if original else AttnProcessor2_0())
+    model = onnx.load(str(fused), load_external_data=False)
+    expand_attention(model)
+    plain = out_dir / "model.onnx"
+    onnx.save_model(model, str(plain))
+    del model
+    parity = check_parity("unet (fused attention)", fused, module, check_inputs, outputs)
+    files = [fused] + ([out_dir / data_file] if data_file else [])
+    digest, size = sha256_files(files)
+    return plain, data_file, {"cpu": {"file": f"unet/{VARIANT_FILE}", "sha256": digest, "size_bytes": size,
+                                      "attention": "com.microsoft.MultiHeadAttention", "parity": parity}}
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -149,8 +149,8 @@ def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, la
 
 
 def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch.Tensor], out_dir: Path,
-                 opset: int) -> tuple[Path, str | None]:
-    """Trace ``module`` to ``out_dir/model.onnx``; weights over 2 GiB go to one external-data file.
+                 opset: int, name: str = "model.onnx", custom_opsets: dict | None = None) -> tuple[Path, str | None]:
+    """Trace ``module`` to ``out_dir/name``; weights over 2 GiB go to one external-data file (model.onnx.data).
 
     Returns the graph path and the data file's name (or None when the weights are inside the graph).
     """
@@ -167,11 +167,11 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch
             module, tuple(args[n] for n, _, _ in spec.inputs), str(traced),
             dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=[n for n, _, _ in spec.inputs], output_names=[n for n, _, _ in spec.outputs],
-            dynamic_axes=spec.dynamic_axes())
+            dynamic_axes=spec.dynamic_axes(), custom_opsets=custom_opsets)
     # The exporter scatters big models into one file per tensor; gather them into one file (or none).
     model = onnx.load(str(traced), load_external_data=True)
     weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    graph_path = out_dir / "model.onnx"
+    graph_path = out_dir / name
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)

@@ -21,7 +21,9 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "<name>": {"file": "unet/model.onnx", "data_file": "model.onnx.data" | null,
                    "sha256": str, "size_bytes": int,     # over model.onnx then its data file
                    "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # shape entries: int or symbol str
-                   "parity": {"rel_l2": float, "max_abs": float, "inputs": {name: shape}} }
+                   "parity": {"rel_l2": float, "max_abs": float, "inputs": {name: shape}},
+                   "variants": {"cpu": {"file", "sha256", "size_bytes", "parity"}} }   # unet: fused attention
+                                                                                       # for ONNX Runtime CPU
       },
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},
       "engines": { "<component>": [ {"key", "precision", "profiles", "tensorrt_version", ...} ] }  # by `sdrt build`
@@ -146,28 +148,39 @@ class Manifest:
                 f"component {name!r} is not in {self.engine_dir}; it has: "
                 f"{', '.join(self.data.get('components', {}))}") from None
 
-    def component_files(self, name: str) -> list[Path]:
+    def component_files(self, name: str, variant: str | None = None) -> list[Path]:
+        """The graph file and its external-data file, of the component or of one of its variants."""
         c = self.component(name)
-        graph = self.engine_dir / c["file"]
+        entry = c["variants"][variant] if variant else c
+        graph = self.engine_dir / entry["file"]
         files = [graph]
-        if c.get("data_file"):
+        if c.get("data_file"):  # variants share the component's weights file
             files.append(graph.parent / c["data_file"])
         return files
 
+    def graph_path(self, name: str, variant: str | None = None) -> Path:
+        """The graph to load: ``variant``'s when the component has it (e.g. "cpu"), else the portable one."""
+        c = self.component(name)
+        if variant and variant in c.get("variants", {}):
+            return self.engine_dir / c["variants"][variant]["file"]
+        return self.engine_dir / c["file"]
+
     def verify_component(self, name: str, full: bool = False) -> None:
         c = self.component(name)
-        files = self.component_files(name)
-        for f in files:
-            if not f.is_file():
-                raise UserError(f"component {name!r}: {f} is missing (corrupt engine directory; re-export)")
-        size = sum(f.stat().st_size for f in files)
-        if size != c.get("size_bytes", size):
-            raise UserError(
-                f"component {name!r}: files are {size} bytes, manifest says {c['size_bytes']} (corrupt engine directory)")
-        if full:
-            digest, _ = sha256_files(files)
-            if digest != c.get("sha256"):
-                raise UserError(f"component {name!r}: sha256 mismatch (corrupt or modified engine directory)")
+        for variant, entry in [(None, c)] + list(c.get("variants", {}).items()):
+            what = f"component {name!r}" + (f" ({variant} variant)" if variant else "")
+            files = self.component_files(name, variant)
+            for f in files:
+                if not f.is_file():
+                    raise UserError(f"{what}: {f} is missing (corrupt engine directory; re-export)")
+            size = sum(f.stat().st_size for f in files)
+            if size != entry.get("size_bytes", size):
+                raise UserError(
+                    f"{what}: files are {size} bytes, manifest says {entry['size_bytes']} (corrupt engine directory)")
+            if full:
+                digest, _ = sha256_files(files)
+                if digest != entry.get("sha256"):
+                    raise UserError(f"{what}: sha256 mismatch (corrupt or modified engine directory)")
 
     # ---- writing (export and build) -----------------------------------------------------------------
     def save(self) -> None:

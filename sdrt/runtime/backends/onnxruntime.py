@@ -8,7 +8,6 @@ execution, one intra-op thread per available core, memory arena and memory patte
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -94,7 +93,8 @@ class OnnxRuntimeBackend(Backend):
     def load(self, manifest, component: str) -> OrtSession:
         ort = self._ort()
         entry = manifest.component(component)
-        path = Path(manifest.engine_dir) / entry["file"]
+        # the CPU provider runs the UNet variant with fused attention (export writes it); others the portable graph
+        path = manifest.graph_path(component, "cpu" if self.device == "cpu" else None)
         try:
             session = ort.InferenceSession(str(path), self.session_options(), providers=PROVIDERS[self.device])
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
