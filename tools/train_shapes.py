@@ -3,7 +3,7 @@
 Pictures: 32x32, "a {color} {shape} on a {color} background" (red green blue yellow white black; circle square
 triangle; object color != background color), the object one solid color, 2+ px from every edge, varied size
 and position. Real diffusers/transformers classes (AutoencoderKL, CLIPTextModel with the real CLIP vocabulary,
-UNet2DConditionModel with cross-attention, SD1's PNDM scaled_linear scheduler, epsilon prediction).
+UNet2DConditionModel with cross-attention, SD's scaled_linear betas with DDIM, epsilon prediction).
 
 Stage 1 trains the VAE (L1 + MSE reconstruction + a small KL), sets scaling_factor = 1/std(latents) as SD does;
 stage 2 trains the text encoder and the UNet together on the VAE's latents with the noise-prediction objective,
@@ -31,8 +31,8 @@ from tools.clip_vocab import EOS, write_clip_tokenizer
 from tools.shape_check import COLORS, SHAPES, prompt
 
 SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -42,6 +42,7 @@ SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
     "clip_sample": False,
+    "prediction_type": "epsilon",
 }
 COLOR_NAMES = list(COLORS)
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32) / 127.5 - 1.0  # in [-1, 1]
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     out_dir = Path(args.out_dir)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     # ---- save in the diffusers layout
     ema_te.eval()
     ema_unet.eval()
-    scheduler = PNDMScheduler.from_config(SCHEDULER)
+    scheduler = DDIMScheduler.from_config(SCHEDULER)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_te, tokenizer=tokenizer, unet=ema_unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
