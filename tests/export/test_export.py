@@ -78,7 +78,7 @@ def test_graphs_have_the_contract_names_and_dynamic_axes(engine_dirs, kind):
         assert first[0].dim_param == "batch", f"{name}: batch is not dynamic"
         if name != "text_encoder":
             assert first[2].dim_param and first[3].dim_param, f"{name}: height/width are not dynamic"
-        assert c["sha256"] and c["size_bytes"] == (engine / c["file"]).stat().st_size
+        assert c["sha256"] and c["size_bytes"] == (engine / c["file"]).stat().st_size, name
 
 
 def test_manifest_records_tools_and_source(sd1_engine, sd1_model):
@@ -205,3 +205,53 @@ def test_big_graphs_keep_weights_in_one_external_file(monkeypatch, tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
     np.testing.assert_allclose(s.run(None, {"x": x})[0], net(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sd1-tiny", "sd2-tiny"])
+def test_unet_has_a_fused_attention_variant_over_the_same_weights(engine_dirs, kind):
+    engine = engine_dirs[kind]
+    unet = manifest(engine)["components"]["unet"]
+    variant = unet["variants"]["cpu"]
+    fused = onnx.load(str(engine / variant["file"]), load_external_data=False)
+    plain = onnx.load(str(engine / unet["file"]), load_external_data=False)
+    ops_fused = {(n.domain, n.op_type) for n in fused.graph.node}
+    ops_plain = {(n.domain, n.op_type) for n in plain.graph.node}
+    assert ("com.microsoft", "MultiHeadAttention") in ops_fused
+    assert not any(d == "com.microsoft" for d, _ in ops_plain), "the portable graph must use standard ops only"
+    assert ("", "Softmax") in ops_plain
+    assert variant["parity"]["rel_l2"] <= 1e-4 and unet["parity"]["rel_l2"] <= 1e-4
+    # same weights: identical initializer names and contents
+    assert [t.name for t in fused.graph.initializer] == [t.name for t in plain.graph.initializer]
+    feeds = {"sample": np.random.default_rng(0).standard_normal((2, 4, 6, 10), dtype=np.float32),
+             "timestep": np.array([10.0, 900.0], np.float32),
+             "encoder_hidden_states": np.random.default_rng(1).standard_normal(
+                 (2, 77, manifest(engine)["model"]["text_hidden_size"]), dtype=np.float32)}
+    a, b = (ort.InferenceSession(str(engine / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for f in (variant["file"], unet["file"]))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expand_attention_is_the_contrib_op_in_standard_ops(tmp_path):
+    """One MultiHeadAttention node, expanded, computes what ONNX Runtime's kernel computes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.export.attention import expand_attention
+
+    rng = np.random.default_rng(0)
+    heads, inner = 4, 32
+    wq, wk, wv = (numpy_helper.from_array(rng.standard_normal((inner, inner), dtype=np.float32), n)
+                  for n in ("wq", "wk", "wv"))
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["c", "wk"], ["k"]),
+             helper.make_node("MatMul", ["c", "wv"], ["v"]),
+             helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=heads)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", inner]),
+                                           helper.make_tensor_value_info("c", TensorProto.FLOAT, ["b", "t", inner])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", inner])], [wq, wk, wv])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": rng.standard_normal((2, 9, inner), dtype=np.float32),
+             "c": rng.standard_normal((2, 5, inner), dtype=np.float32)}
+    fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert expand_attention(model) == 1
+    assert {n.op_type for n in model.graph.node} >= {"Softmax", "MatMul", "Transpose"}
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(plain, fused, rtol=1e-5, atol=1e-5)

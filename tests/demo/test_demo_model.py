@@ -1,0 +1,57 @@
+"""The embedded default model (models/shapes-32) draws what it is asked, through the whole torch-free chain:
+tokenizer, text encoder, cross-attention, scheduler and VAE, exported and run by sdrt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tools.shape_check import SHAPES, classify, prompt
+
+MODEL = ROOT / "models" / "shapes-32"
+# every color as object and as background, every shape: 12 combinations
+COMBOS = [("red", "circle", "blue"), ("green", "square", "black"), ("blue", "triangle", "yellow"),
+          ("yellow", "circle", "green"), ("white", "square", "red"), ("black", "triangle", "white"),
+          ("red", "square", "white"), ("green", "triangle", "red"), ("blue", "circle", "black"),
+          ("yellow", "triangle", "blue"), ("white", "circle", "green"), ("black", "square", "yellow")]
+
+
+@pytest.fixture(scope="module")
+def shapes_pipeline(tmp_path_factory):
+    from sdrt.export import export_model
+    from sdrt.runtime import Pipeline
+
+    engine = tmp_path_factory.mktemp("shapes") / "engine"
+    export_model(MODEL, engine, progress=False, log=lambda m: None)
+    return Pipeline(engine)
+
+
+@pytest.fixture(scope="module")
+def drawn(shapes_pipeline):
+    prompts = [prompt(*c) for c in COMBOS]
+    result = shapes_pipeline.generate(prompts, steps=25, guidance=7.5, seed=0)
+    return [classify(im) for im in result.images]
+
+
+def test_backgrounds_and_object_colors_are_as_asked(drawn):
+    for (obj, _, bg), got in zip(COMBOS, drawn):
+        assert got["background"] == bg, (obj, bg, got)
+        assert got["object"] == obj, (obj, bg, got)
+
+
+def test_shapes_are_as_asked(drawn):
+    right = [got["shape"] == shape for (_, shape, _), got in zip(COMBOS, drawn)]
+    # the trainer measured 94.8% of 270 pictures right with diffusers; rounded squares read as circles are the
+    # known miss, so allow one in twelve
+    assert sum(right) >= len(COMBOS) - 1, list(zip(COMBOS, drawn))
+    assert {got["shape"] for got in drawn} == set(SHAPES)
+
+
+def test_the_prompt_reaches_the_picture(shapes_pipeline):
+    """Same seed, different prompt: a different picture that follows the new prompt."""
+    a = classify(shapes_pipeline.generate(prompt("red", "square", "green"), steps=25, seed=3).images[0])
+    b = classify(shapes_pipeline.generate(prompt("yellow", "square", "black"), steps=25, seed=3).images[0])
+    assert (a["object"], a["background"]) == ("red", "green")
+    assert (b["object"], b["background"]) == ("yellow", "black")
