@@ -201,11 +201,13 @@ def contact_sheet(
     labels: Sequence[str] | None = None,
     columns: int | None = None,
     gap: int = 4,
+    scale: int = 1,
 ) -> np.ndarray:
     """A grid of uint8 ``[H, W, 3]`` images (sizes may differ) with optional captions, as uint8 ``[H, W, 3]``.
 
     Used by ``sdrt demo`` to show schedulers or seeds side by side in one file. Cells are as large as the
-    largest image; columns default to a near-square grid.
+    largest image or caption; columns default to a near-square grid. ``scale`` enlarges small pictures
+    (nearest neighbour, so pixels stay visible as they are).
     """
     images = [np.asarray(image) for image in images]
     if not images:
@@ -213,6 +215,8 @@ def contact_sheet(
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{len(labels)} labels for {len(images)} images")
     pils = [_as_pil(image).convert("RGB") for image in images]
+    if scale > 1:
+        pils = [p.resize((p.width * scale, p.height * scale), Image.NEAREST) for p in pils]
     columns = columns or math.ceil(math.sqrt(len(pils)))
     rows = math.ceil(len(pils) / columns)
     cell_w = max(p.width for p in pils)
@@ -221,7 +225,9 @@ def contact_sheet(
     label_h = 0
     if labels:
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        label_h = max(probe.textbbox((0, 0), str(label) or " ", font=font)[3] for label in labels) + gap
+        boxes = [probe.textbbox((0, 0), str(label) or " ", font=font) for label in labels]
+        label_h = max(b[3] for b in boxes) + gap
+        cell_w = max(cell_w, max(b[2] for b in boxes))
     sheet = Image.new(
         "RGB",
         (columns * (cell_w + gap) + gap, rows * (cell_h + label_h + gap) + gap),
