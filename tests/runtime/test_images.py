@@ -181,8 +181,12 @@ def test_contact_sheet():
     assert sheet.shape[:2] == (2 * (16 + gap) + gap, 3 * (16 + gap) + gap)  # 5 images -> 3 columns, 2 rows
     np.testing.assert_array_equal(sheet[gap : gap + 16, gap + 20 : gap + 36], images[1])
     labelled = contact_sheet(images, labels=[f"seed {i}" for i in range(5)], columns=5)
-    assert labelled.shape[1] == 5 * (16 + gap) + gap and labelled.shape[0] > 16 + 2 * gap
+    # cells widen to fit their captions, so captions never run into the next picture
+    assert labelled.shape[1] > 5 * (16 + gap) + gap and labelled.shape[0] > 16 + 2 * gap
     assert (labelled[gap + 16 :] < 128).any()  # some caption ink below the images
+    big = contact_sheet(images[:2], columns=2, scale=3)
+    assert big.shape[:2] == (48 + 2 * gap, 2 * (48 + gap) + gap)
+    np.testing.assert_array_equal(big[gap : gap + 48, gap : gap + 48], np.kron(images[0], np.ones((3, 3, 1), np.uint8)))
     mixed = contact_sheet([np.zeros((8, 12, 3), np.uint8), np.zeros((20, 6, 3), np.uint8)])
     assert mixed.shape[:2] == (20 + 2 * gap, 2 * (12 + gap) + gap)
     with pytest.raises(ValueError):
