@@ -174,7 +174,8 @@ def build_plan(trt, pg_trt, onnx_path: Path, profiles: list, precision: str, fp3
     """One serialized plan through Polygraphy's loaders."""
     network = pg_trt.NetworkFromOnnxPath(str(onnx_path))
     if fp32_layers == "sensitive":
-        network = pg_trt.PostprocessNetwork(network, lambda net: _pin_sensitive_layers(trt, net),
+        # Polygraphy calls ``func(network=network)``: the parameter must be named ``network``.
+        network = pg_trt.PostprocessNetwork(network, lambda network: _pin_sensitive_layers(trt, network),
                                             name="sdrt-pin-sensitive-fp32")
     trt_profiles = []
     for p in profiles:

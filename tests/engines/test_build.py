@@ -216,3 +216,49 @@ def test_psnr():
     a = np.zeros((4, 4, 3), np.uint8)
     assert psnr(a, a) == float("inf")
     assert psnr(a, a + 1) == pytest.approx(48.13, abs=0.01)
+
+
+def test_build_plan_passes_loaders_polygraphy_arguments(tmp_path):
+    """build_plan against a stand-in for polygraphy.backend.trt that calls as the real one does:
+    PostprocessNetwork calls ``func(network=network)``; CreateConfig/Profile take these keywords."""
+    import types
+
+    calls = {}
+
+    class Profile(dict):
+        def add(self, name, min, opt, max):
+            self[name] = (min, opt, max)
+            return self
+
+    class Layer:
+        def __init__(self, kind):
+            self.type, self.num_outputs, self.precision, self.out = kind, 1, None, {}
+
+        def set_output_type(self, i, dtype):
+            self.out[i] = dtype
+
+    network_obj = [Layer("SOFTMAX"), Layer("CONV")]
+
+    def postprocess(network, func, name=None):
+        return lambda: (func(network=network_obj), network_obj)[1]
+
+    def create_config(fp16=None, profiles=None, precision_constraints=None, load_timing_cache=None,
+                      builder_optimization_level=None):
+        calls["config"] = dict(fp16=fp16, profiles=profiles, precision_constraints=precision_constraints,
+                               load_timing_cache=load_timing_cache, level=builder_optimization_level)
+        return "config"
+
+    def engine_bytes(network, config=None, save_timing_cache=None):
+        calls["network"] = network() if callable(network) else network
+        return lambda: b"plan"
+
+    pg = types.SimpleNamespace(NetworkFromOnnxPath=lambda path: "parsed", PostprocessNetwork=postprocess,
+                               Profile=Profile, CreateConfig=create_config, EngineBytesFromNetwork=engine_bytes)
+    trt = types.SimpleNamespace(LayerType=types.SimpleNamespace(SOFTMAX="SOFTMAX"), float32="fp32")
+    profiles = [{"sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 8, 8]}}]
+    plan = build_mod.build_plan(trt, pg, tmp_path / "m.onnx", profiles, "fp16", "sensitive", None, 3)
+    assert plan == b"plan"
+    assert network_obj[0].precision == "fp32" and network_obj[0].out == {0: "fp32"}
+    assert network_obj[1].precision is None
+    assert calls["config"]["precision_constraints"] == "prefer" and calls["config"]["fp16"] is True
+    assert calls["config"]["profiles"][0]["sample"] == ([1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 8, 8])

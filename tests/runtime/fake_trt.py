@@ -102,6 +102,7 @@ class _Context:
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
+        return True
 
     def _array(self, name, shape):
         n = int(np.prod(shape)) * 4

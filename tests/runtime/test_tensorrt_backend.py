@@ -152,6 +152,21 @@ def test_static_engine_picks_the_guided_profile_and_replays_a_cuda_graph(engine_
     assert trt.log[-2:] == [("profile", 0), ("execute",)]
 
 
+def test_switching_shape_sets_enqueues_once_before_capturing_again(engine_dir, fake_gpu):
+    """TensorRT wants one plain enqueue after a shape change before a graph capture, even for a shape set
+    that ran before under another context setup."""
+    rt, trt = fake_gpu
+    add_engine(engine_dir, static=True, batch="1", size="32")
+    session = TensorRTBackend(cuda_graph=True).load(Manifest.load(engine_dir), "unet")
+    session.run(unet_feeds(2, 16))  # batch 2: plain run
+    session.run(unet_feeds(1, 16))  # batch 1: switch, plain run
+    session.run(unet_feeds(2, 16))  # back to batch 2: shapes changed again, so plain again, no capture
+    assert rt.log["graph_launch"] == 0 and trt.log.count(("execute",)) == 3
+    session.run(unet_feeds(2, 16))  # now it captures
+    assert rt.log["graph_launch"] == 1
+    session.close()
+
+
 def test_static_and_narrow_entries_are_preferred(engine_dir, fake_gpu):
     dynamic = add_engine(engine_dir, batch="1:1:4", size="32:64:128")
     static = add_engine(engine_dir, static=True, batch="1", size="64")

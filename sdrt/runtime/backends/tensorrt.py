@@ -216,12 +216,15 @@ class TensorRTSession(Session):
             b = _Bindings(self._cuda, all_shapes, eng.dtypes)
             self._bindings[key] = b
         for name, dev in b.device.items():
-            ctx.set_tensor_address(name, dev.ptr)
+            if not ctx.set_tensor_address(name, dev.ptr):
+                raise RuntimeError(f"{self.component}: TensorRT refused the address of tensor {name!r}")
         # A graph captured under another context setup may bake stale state; recapture after a switch.
+        # Every run count restarts too: TensorRT wants one plain enqueue after a shape change before capture.
         for other_key, other in self._bindings.items():
-            if other_key[0] == key[0] and other.graph is not None:
-                other.graph.close()
-                other.graph = None
+            if other_key[0] == key[0]:
+                if other.graph is not None:
+                    other.graph.close()
+                    other.graph = None
                 other.runs = 0
         eng.current = key
         self._bindings.move_to_end(key)
