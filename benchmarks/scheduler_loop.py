@@ -13,25 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.make_models import SD1_SCHEDULER  # noqa: E402
+
 # Stable Diffusion 1.5's scheduler config; every scheduler is built from it, as `--scheduler NAME` would.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = SD1_SCHEDULER
 
 
 def time_scheduler(name: str, steps: int, passes: int, latent: int, guidance: float) -> np.ndarray:

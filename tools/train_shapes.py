@@ -28,22 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from tools.clip_vocab import EOS, write_clip_tokenizer
+from tools.make_models import SD1_SCHEDULER
 from tools.shape_check import COLORS, SHAPES, prompt
 
-SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-}
+# SD1's scheduler settings (the betas the UNet trains with), DDIM as the default sampler: PNDM at guidance
+# 7.5 oversaturates this small model.
+SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0",
+             "prediction_type": "epsilon"}
 COLOR_NAMES = list(COLORS)
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32) / 127.5 - 1.0  # in [-1, 1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -112,20 +112,11 @@ def test_force_replaces_and_components_subset(sd1_model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
 
 
-def _one_line_error(r, *needles):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_missing_component_is_named(sd1_model, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(sd1_model, model)
     shutil.rmtree(model / "unet")
-    _one_line_error(run_cli("export", model, tmp_path / "e"), "unet", "missing")
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "unet", "missing")
     assert not (tmp_path / "e").exists()
 
 
@@ -136,12 +127,12 @@ def test_sdxl_is_refused_as_unsupported(sd1_model, tmp_path):
     index["_class_name"] = "StableDiffusionXLPipeline"
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (model / "model_index.json").write_text(json.dumps(index))
-    _one_line_error(run_cli("export", model, tmp_path / "e"), "second text encoder", "not supported")
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "second text encoder", "not supported")
 
 
 def test_not_a_checkpoint_and_bad_flags(tmp_path):
-    _one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "e"), "does not exist")
-    _one_line_error(run_cli("export", tmp_path, tmp_path / "e"), "model_index.json")
+    assert_one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "e"), "does not exist")
+    assert_one_line_error(run_cli("export", tmp_path, tmp_path / "e"), "model_index.json")
 
 
 def test_pickle_weights_need_the_explicit_flag(sd1_model, tmp_path):
@@ -153,7 +144,7 @@ def test_pickle_weights_need_the_explicit_flag(sd1_model, tmp_path):
     shutil.rmtree(model / "vae")
     vae.save_pretrained(model / "vae", safe_serialization=False)
     assert (model / "vae" / "diffusion_pytorch_model.bin").is_file()
-    _one_line_error(run_cli("export", model, tmp_path / "e", "-q"), "pickle", "--allow-pickle")
+    assert_one_line_error(run_cli("export", model, tmp_path / "e", "-q"), "pickle", "--allow-pickle")
     assert not (tmp_path / "e").exists()
     r = run_cli("export", model, tmp_path / "e", "-q", "--allow-pickle", "--components", "vae_decoder")
     assert r.returncode == 0, r.stderr

@@ -10,16 +10,7 @@ import pytest
 from PIL import Image
 
 from sdrt.runtime.images import read_png_parameters
-from tests.conftest import ROOT, run_cli
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 
 def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine, tmp_path):
@@ -71,29 +62,29 @@ def test_img2img_from_the_command_line(sd1_engine, tmp_path):
     (["-o", "out.jpg"], ["out.jpg", ".png"]),
 ])
 def test_bad_input_is_one_line(sd1_engine, tmp_path, args, needles):
-    _one_line_error(run_cli("generate", sd1_engine, "x", "--steps", "2", *args, "-q",
+    assert_one_line_error(run_cli("generate", sd1_engine, "x", "--steps", "2", *args, "-q",
                             *([] if "-o" in args else ["-o", str(tmp_path / "o.png")])), *needles)
 
 
 def test_bad_strength_and_unreadable_image(sd1_engine, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(init)
-    _one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", init, "--strength", "1.5", "-q",
+    assert_one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", init, "--strength", "1.5", "-q",
                             "-o", tmp_path / "o.png"), "strength 1.5")
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    _one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", bad, "-q", "-o", tmp_path / "o.png"),
+    assert_one_line_error(run_cli("generate", sd1_engine, "x", "--init-image", bad, "-q", "-o", tmp_path / "o.png"),
                     "bad.png")
 
 
 def test_missing_or_corrupt_engine_directory(sd1_engine, tmp_path):
     import shutil
 
-    _one_line_error(run_cli("generate", tmp_path / "none", "x", "-q"), "does not exist")
+    assert_one_line_error(run_cli("generate", tmp_path / "none", "x", "-q"), "does not exist")
     broken = tmp_path / "e"
     shutil.copytree(sd1_engine, broken)
     (broken / "vae_decoder" / "model.onnx").write_bytes(b"\0" * 10)
-    _one_line_error(run_cli("generate", broken, "x", "-q", "-o", tmp_path / "o.png"), "vae_decoder")
+    assert_one_line_error(run_cli("generate", broken, "x", "-q", "-o", tmp_path / "o.png"), "vae_decoder")
 
 
 def test_runtime_imports_no_torch():

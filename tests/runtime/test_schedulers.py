@@ -16,6 +16,9 @@ import threading
 import numpy as np
 import pytest
 
+from sdrt.bench.reference import SCHEDULER_CLASSES
+from tools.make_models import SD1_SCHEDULER
+
 from sdrt.errors import UserError
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler, scheduler_name_for_config
@@ -29,37 +32,11 @@ RTOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
-# Stable Diffusion 1.5's scheduler_config.json.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+# Stable Diffusion 1.5's scheduler_config.json (as released checkpoints ship it).
+SD15 = SD1_SCHEDULER
 
-# name -> (diffusers class name, from_config overrides); written out here, independently of the package.
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+# name -> (diffusers class name, from_config overrides): the reference table, not the implementation's.
+DIFFUSERS = SCHEDULER_CLASSES
 
 
 def _needs_scipy(name: str) -> None:
