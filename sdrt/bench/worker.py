@@ -24,7 +24,7 @@ class SdrtSide:
         from sdrt.runtime import Pipeline
 
         opts = {"threads": threads} if threads and backend == "cpu" else {}
-        self.pipe = Pipeline(path, backend=backend, backend_options=opts, load_encoder=False)
+        self.pipe = Pipeline(path, backend=backend, backend_options=opts)
         self.backend = self.pipe.backend.describe()
 
     def generate(self, s: dict, record: bool) -> dict:

@@ -146,7 +146,6 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 graph, data_file, variants = _export_unet_variants(
                     spec, module, loaded["unet"], example_inputs(spec, numbers, *trace_shape, vocab, seed=0),
                     tmp / comp, opset, check_inputs, outputs)
-                _set_postfix(bar, comp, "parity")
             else:
                 graph, data_file = export_graph(
                     spec, module, example_inputs(spec, numbers, *trace_shape, vocab, seed=0), tmp / comp, opset)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ class Pipeline:
     """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
-                 backend_options: dict | None = None, load_encoder: bool | None = None):
+                 backend_options: dict | None = None, load_encoder: bool = False):
+        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call."""
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
@@ -98,12 +100,9 @@ class Pipeline:
         self.sessions = {}
         for comp in ("text_encoder", "unet", "vae_decoder"):
             self.sessions[comp] = self.backend.load(self.manifest, comp)
-        self._encoder_lazy = load_encoder is None
+        self._encoder_lock = threading.Lock()
         if load_encoder and self.manifest.has("vae_encoder"):
             self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
-        import threading
-
-        self._encoder_lock = threading.Lock()
 
     # ---- requests -------------------------------------------------------------------------------------
     def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
