@@ -22,7 +22,7 @@ from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import TorchCPUGenerator
-from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler
+from sdrt.runtime.schedulers import make_scheduler
 from sdrt.runtime.tokenizer import CLIPTokenizer
 
 DEFAULT_STEPS = 50
@@ -133,8 +133,6 @@ class Pipeline:
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed {seed!r}: must be an integer in [0, 2**64)")
         name = scheduler
-        if name is not None and name not in SCHEDULER_NAMES:
-            raise UserError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
         m = self.model
         if init_image is not None:
             if not 0 < strength <= 1:
@@ -154,7 +152,8 @@ class Pipeline:
                 raise UserError(
                     f"{what} {v!r}: must be a positive multiple of {m.size_multiple} for this model "
                     f"(its VAE scale factor)")
-        sched = make_scheduler(name, self.scheduler_config, int(steps))  # also validates the config's own class
+        # validates the name (or the config's own class) and the step count
+        sched = make_scheduler(name, self.scheduler_config, int(steps))
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
         return Request(prompts, negatives, int(steps), float(guidance), int(seed), name or "", int(height),
