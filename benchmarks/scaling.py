@@ -57,7 +57,7 @@ def main() -> int:
         print(f"{size:4d}px batch {batch}: UNet step sdrt {row['sdrt_unet_step_ms']:8.0f} ms, diffusers "
               f"{row['diffusers_unet_step_ms']:8.0f} ms (ratio {row['ratio_unet_step']:.2f}); VAE decode "
               f"{row['sdrt_vae_decode_ms']:7.0f} / {row['diffusers_vae_decode_ms']:7.0f} ms; PSNR "
-              f"{row['image_psnr_db']:.1f} dB", flush=True)
+              f"{'identical' if row['image_psnr_db'] is None else format(row['image_psnr_db'], '.1f') + ' dB'}", flush=True)
     (out / "scaling.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / "scaling.png", args.batch_size)
     print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sdrt.bench.runner import Settings, run_bench
-from sdrt.runtime.manifest import write_json_atomic
+from sdrt.runtime.manifest import write_json_atomic, write_text_atomic
 
 
 def _cmd_bench(args) -> int:
@@ -21,13 +21,14 @@ def _cmd_bench(args) -> int:
                         warmup=args.warmup, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                         prompt=args.prompt, backend=args.backend, reference_device=args.reference_device,
                         threads=args.threads)
-    result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet)
+    result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet,
+                       outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot})
     table = markdown(result)
     print(table, end="")
     if args.json:
         write_json_atomic(Path(args.json), result)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        write_text_atomic(Path(args.markdown), table)
     if args.plot:
         plot(result, args.plot)
     return 0

@@ -34,7 +34,7 @@ def diffusers_pipeline(model_dir, img2img: bool = False):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    pipe = cls.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
+    pipe = cls.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None,
                                requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

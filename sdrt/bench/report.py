@@ -37,7 +37,8 @@ def markdown(result: dict) -> str:
         comps = ", ".join(f"{c} rel L2 {p[c]['rel_l2']:.2e} (max abs {p[c]['max_abs']:.2e})"
                           for c in ("text_encoder", "unet", "vae_decoder"))
         steps = p["latent_rel_l2_per_step"]
-        lines += ["", f"parity: {comps}; image PSNR {p['image_psnr_db']:.1f} dB; "
+        psnr = "identical images" if p.get("image_psnr_db") is None else f"image PSNR {p['image_psnr_db']:.1f} dB"
+        lines += ["", f"parity: {comps}; {psnr}; "
                       f"latent rel L2 after step 1 {steps[0]:.2e}, after the last {steps[-1]:.2e}"]
     return "\n".join(lines) + "\n"
 
@@ -73,7 +74,8 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         ax2.semilogy(range(1, len(errs) + 1), errs, marker="o")
         ax2.set_xlabel("UNet call (PNDM repeats its first timestep)" if len(errs) > s["steps"] else "step")
         ax2.set_ylabel("latent relative L2, sdrt vs diffusers")
-        ax2.set_title(f"image PSNR {parity['image_psnr_db']:.1f} dB")
+        ax2.set_title("identical images" if parity.get("image_psnr_db") is None
+                      else f"image PSNR {parity['image_psnr_db']:.1f} dB")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")

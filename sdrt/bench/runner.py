@@ -44,15 +44,19 @@ class Worker:
     def __init__(self, name: str, argv: list[str], scratch: Path):
         self.name = name
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # stderr goes to a file: a chatty library must never fill a pipe nobody reads and stall the worker
+        self.log = open(scratch / f"{name}.stderr", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdrt.bench.worker", *argv, "--scratch", str(scratch)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.hello = self._read()
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()
+            self.proc.wait()
+            self.log.seek(0)
+            err = self.log.read().strip().splitlines()
             raise UserError(f"bench worker {self.name!r} failed: {err[-1] if err else 'no output'}")
         return json.loads(line)
 
@@ -72,6 +76,11 @@ class Worker:
                 self.proc.wait(timeout=30)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+        self.log.close()
 
 
 def percentiles(values) -> dict:
@@ -90,10 +99,12 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 def _component_inputs(m: Manifest, height: int, width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     mn = m.model
+    # random ids below the end-of-text id (CLIP's highest), which the manifest's tokenizer entry records
+    vocab = int(m.data.get("tokenizer", {}).get("eos_token_id", 49407))
     lh, lw = height // mn.vae_scale_factor, width // mn.vae_scale_factor
     latent = rng.standard_normal((2, mn.latent_channels, lh, lw), dtype=np.float32)
     return {
-        "text_encoder": {"input_ids": rng.integers(0, 49406, (2, mn.text_max_length), dtype=np.int64)},
+        "text_encoder": {"input_ids": rng.integers(0, vocab, (2, mn.text_max_length), dtype=np.int64)},
         "unet": {"sample": latent, "timestep": np.full((2,), 500.0, np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, mn.text_max_length, mn.text_hidden_size),
                                                               dtype=np.float32)},
@@ -127,7 +138,10 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def run_bench(engine_dir: str, reference: str | None, settings: Settings, progress: bool = True) -> dict:
+def run_bench(engine_dir: str, reference: str | None, settings: Settings, progress: bool = True,
+              outputs: dict | None = None) -> dict:
+    """Run the benchmark; ``outputs`` ({"json", "markdown", "plot"} -> path) are checked before any work."""
+    outputs = outputs or {}
     manifest = Manifest.load(engine_dir)
     mn = manifest.model
     s = settings
@@ -139,6 +153,9 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
     for what, v, lo in (("--runs", s.runs, 1), ("--warmup", s.warmup, 0), ("--steps", s.steps, 1), ("--batch", s.batch, 1)):
         if v < lo:
             raise UserError(f"{what} {v}: must be >= {lo}")
+    for flag, out in (("--json", outputs.get("json")), ("--markdown", outputs.get("markdown")), ("--plot", outputs.get("plot"))):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise UserError(f"{flag} {out!r}: the folder {str(Path(out).resolve().parent)!r} does not exist")
     if reference is not None and not (Path(reference) / "model_index.json").is_file():
         raise UserError(f"--reference {reference!r}: not a diffusers checkpoint (model_index.json missing)")
     gen = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "guidance": s.guidance,
@@ -193,7 +210,10 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
             from sdrt.runtime.images import images_psnr
 
             img_a, img_b = np.load(recorded["sdrt"]["image"]), np.load(recorded["diffusers"]["image"])
-            parity["image_psnr_db"] = float(min(images_psnr(x, y) for x, y in zip(img_a, img_b)))
+            psnr = float(min(images_psnr(x, y) for x, y in zip(img_a, img_b)))
+            # identical images have infinite PSNR, which strict JSON cannot hold: recorded as null
+            parity["image_psnr_db"] = psnr if np.isfinite(psnr) else None
+            parity["images_identical"] = not np.isfinite(psnr)
             lat_a, lat_b = np.load(recorded["sdrt"]["latents"]), np.load(recorded["diffusers"]["latents"])
             parity["latent_rel_l2_per_step"] = [rel_l2(x, y) for x, y in zip(lat_a, lat_b)]
         runs = []

@@ -56,7 +56,7 @@ class DiffusersSide:
         self.device = device
         dtype = torch.float16 if device == "cuda" else torch.float32
         self.pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.backend = f"diffusers {device} {str(dtype).replace('torch.', '')} (torch {torch.__version__})"
         self._times: dict[str, list[float]] = {}

@@ -29,7 +29,9 @@ class _MultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, heads: int):
-        return g.op(f"{CONTRIB_DOMAIN}::MultiHeadAttention", query, key, value, num_heads_i=heads)
+        out = g.op(f"{CONTRIB_DOMAIN}::MultiHeadAttention", query, key, value, num_heads_i=heads)
+        out.setType(query.type())  # the output has the query's shape and dtype (tells shape inference)
+        return out
 
 
 class FusedAttnProcessor:

@@ -48,7 +48,10 @@ def _load_source(ckpt, source: str, allow_pickle: bool):
 
     cls = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
     kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": torch.float32}
-    return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
+    try:
+        return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
+    except (OSError, ValueError) as e:  # e.g. only a variant file (model.fp16.safetensors) is present
+        raise UserError(f"{ckpt.path / source}: could not load the weights ({str(e).splitlines()[0]})") from None
 
 
 def _config_digest(ckpt) -> str:
@@ -103,6 +106,9 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     if not 14 <= opset <= 20:
         raise UserError(f"--opset {opset}: choose an opset from 14 to 20 (attention needs 14 or newer)")
     engine_dir = Path(engine_dir)
+    model_path = Path(model_dir).resolve()
+    if engine_dir.resolve() == model_path or engine_dir.resolve() in model_path.parents:
+        raise UserError(f"ENGINE_DIR {str(engine_dir)!r} is or contains MODEL_DIR; choose another folder")
     if engine_dir.exists() and not force:
         raise UserError(f"{engine_dir} already exists; pass --force to replace it")
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
@@ -215,7 +221,12 @@ def _replace_dir(new: Path, target: Path) -> None:
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)  # put the previous engine directory back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def _cmd_generate(args) -> int:
 
     if args.preview and not args.preview.lower().endswith(".gif"):
         raise UserError(f"--preview {args.preview!r}: must be a .gif file")
+    _out_paths(args.output, 1)  # refuse a bad -o before loading anything
+    for target in filter(None, (args.output, args.preview)):
+        parent = Path(target).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
     pipe = Pipeline(args.engine_dir, backend=args.backend)
     init = None
     if args.init_image:
@@ -55,11 +61,17 @@ def _cmd_generate(args) -> int:
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
             strength=req.strength if init is not None else None,
             extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
-        save_png(image, path, params)
+        try:
+            save_png(image, path, params)
+        except OSError as e:
+            raise UserError(f"{path}: could not write ({e.strerror or e})") from None
         print(path)
     if args.preview:
         frames.append(result.images[0])
-        save_gif(frames, args.preview, duration_ms=200)
+        try:
+            save_gif(frames, args.preview, duration_ms=200)
+        except OSError as e:
+            raise UserError(f"{args.preview}: could not write ({e.strerror or e})") from None
         print(args.preview)
     t = result.timings
     steps = t["unet_step_ms"]

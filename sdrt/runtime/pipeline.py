@@ -135,6 +135,12 @@ class Pipeline:
         name = scheduler
         m = self.model
         if init_image is not None:
+            shape = getattr(init_image, "shape", None)
+            if (not isinstance(init_image, np.ndarray) or init_image.ndim != 4 or shape[0] != 1
+                    or shape[1] != m.image_channels or init_image.dtype.kind != "f"):
+                raise UserError(
+                    f"init image of shape {shape} and dtype {getattr(init_image, 'dtype', None)}: expected float "
+                    f"[1, {m.image_channels}, H, W] in [-1, 1] (sdrt.runtime.images.load_init_image makes one)")
             if not 0 < strength <= 1:
                 raise UserError(f"strength {strength!r}: must be in (0, 1]")
             img_h, img_w = init_image.shape[-2:]

@@ -246,3 +246,24 @@ def test_expand_attention_is_the_contrib_op_in_standard_ops(tmp_path):
     assert {n.op_type for n in model.graph.node} >= {"Softmax", "MatMul", "Transpose"}
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(plain, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_dir_may_not_be_or_contain_the_checkpoint(sd1_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    assert_one_line_error(run_cli("export", model, model, "--force", "-q"), "is or contains MODEL_DIR")
+    assert_one_line_error(run_cli("export", model, tmp_path, "--force", "-q"), "is or contains MODEL_DIR")
+    assert (model / "model_index.json").is_file()
+
+
+def test_a_variant_only_weights_file_is_one_line(sd1_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.rename(vae.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    r = run_cli("export", model, tmp_path / "e", "-q")
+    # the graphs exported before the failure were logged; the error itself is the last line, without traceback
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "vae" in last and "could not load" in last, last
+    assert not (tmp_path / "e").exists()

@@ -107,3 +107,17 @@ def test_openvino_backend_matches_the_default(sd1_engine):
     ort = Pipeline(sd1_engine).generate("a yellow triangle", **kw)
     for a, b in zip(ov.images, ort.images):
         assert images_psnr(a, b) >= 40
+
+
+def test_unwritable_output_is_refused_before_any_work(sd1_engine, tmp_path):
+    assert_one_line_error(run_cli("generate", sd1_engine, "x", "-o", tmp_path / "no" / "such" / "o.png", "-q"),
+                          "cannot write into")
+
+
+def test_init_image_array_of_the_wrong_layout_is_named(sd1_engine):
+    from sdrt.errors import UserError
+    from sdrt.runtime import Pipeline
+
+    pipe = Pipeline(sd1_engine)
+    with pytest.raises(UserError, match=r"expected float \[1, 3, H, W\]"):
+        pipe.request("x", init_image=np.zeros((32, 32, 3), np.uint8))

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sdrt.errors import MissingDependencyError, UserError
+from sdrt.errors import MissingDependencyError, StageError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
 
 PROVIDERS = {
@@ -39,6 +39,12 @@ class OrtSession(Session):
         self._io_binding = use_io_binding
 
     def run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._run(feeds)
+        except Exception as e:  # ORT raises its own types (e.g. an allocation failure for a huge size)
+            raise StageError(f"{self.component}: onnxruntime failed ({str(e).splitlines()[0]})") from None
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._io_binding:
             # Inputs copied to the device once per call, outputs allocated by ORT on the device and copied back.
             binding = self._session.io_binding()
