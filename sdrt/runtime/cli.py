@@ -34,11 +34,16 @@ def _cmd_generate(args) -> int:
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
     pipe = Pipeline(args.engine_dir, backend=args.backend)
-    init = None
+    init, height, width = None, args.height, args.width
     if args.init_image:
-        init = load_init_image(args.init_image, pipe.model.vae_scale_factor, args.height, args.width)
+        # --height/--width resize the init image; the image then defines the size
+        for what, v in (("height", height), ("width", width)):
+            if v is not None and (v <= 0 or v % pipe.model.size_multiple):
+                raise UserError(f"{what} {v}: must be a positive multiple of {pipe.model.size_multiple} for this model")
+        init = load_init_image(args.init_image, pipe.model.vae_scale_factor, height, width)
+        height = width = None
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
+                       seed=args.seed, scheduler=args.scheduler, height=height, width=width,
                        num_images=args.num_images, init_image=init, strength=args.strength)
     outs = _out_paths(args.output, req.batch)
     frames: list = []

@@ -121,3 +121,14 @@ def test_init_image_array_of_the_wrong_layout_is_named(sd1_engine):
     pipe = Pipeline(sd1_engine)
     with pytest.raises(UserError, match=r"expected float \[1, 3, H, W\]"):
         pipe.request("x", init_image=np.zeros((32, 32, 3), np.uint8))
+
+
+def test_img2img_size_options_resize_the_init_image(sd2_engine, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(init)
+    r = run_cli("generate", sd2_engine, "a cat", "--init-image", init, "--height", 24, "--width", 32, "--steps", 4,
+                "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o.png").size == (32, 24)
+    assert_one_line_error(run_cli("generate", sd2_engine, "a cat", "--init-image", init, "--height", 26, "-q",
+                                  "-o", tmp_path / "p.png"), "height 26", "multiple of 4")
