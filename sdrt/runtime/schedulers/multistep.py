@@ -30,6 +30,15 @@ class _MultistepState(_State):
 
 
 class _Multistep(VPSigmaNoising, Scheduler):
+    def __init__(self, cfg: Config, num_inference_steps: int):
+        super().__init__(cfg, num_inference_steps)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            # the tables divide by h and log-SNR, which are infinite at a zero final sigma, on purpose
+            self._build(cfg, num_inference_steps)
+
+    def _build(self, cfg: Config, num_inference_steps: int) -> None:
+        raise NotImplementedError
+
     def init_state(self, begin_index: int = 0):
         return _MultistepState(begin_index)
 
@@ -83,11 +92,6 @@ class DPMSolverPP2M(_Multistep):
 
     name = "dpmpp_2m"
     karras_last_is_min = False
-
-    def __init__(self, cfg: Config, num_inference_steps: int):
-        super().__init__(cfg, num_inference_steps)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            self._build(cfg, num_inference_steps)
 
     def _build(self, cfg: Config, num_inference_steps: int) -> None:
         if cfg["algorithm_type"] != "dpmsolver++" or int(cfg["solver_order"]) != 2:
@@ -143,11 +147,6 @@ class UniPC(_Multistep):
 
     name = "unipc"
     karras_last_is_min = True
-
-    def __init__(self, cfg: Config, num_inference_steps: int):
-        super().__init__(cfg, num_inference_steps)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            self._build(cfg, num_inference_steps)
 
     def _build(self, cfg: Config, num_inference_steps: int) -> None:
         self.solver_order = int(cfg["solver_order"])
