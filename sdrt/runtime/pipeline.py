@@ -22,7 +22,7 @@ from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import TorchCPUGenerator
-from sdrt.runtime.schedulers import make_scheduler
+from sdrt.runtime.schedulers import Scheduler, make_scheduler
 from sdrt.runtime.tokenizer import CLIPTokenizer
 
 DEFAULT_STEPS = 50
@@ -46,6 +46,7 @@ class Request:
     num_images: int
     init_image: np.ndarray | None = None   # [1, 3, H, W] float32 in [-1, 1]
     strength: float = 1.0
+    schedule: Scheduler | None = field(default=None, repr=False, compare=False)  # built and checked by request()
 
     @property
     def batch(self) -> int:
@@ -163,7 +164,7 @@ class Pipeline:
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
         return Request(prompts, negatives, int(steps), float(guidance), int(seed), name or "", int(height),
-                       int(width), int(num_images), init_image, float(strength))
+                       int(width), int(num_images), init_image, float(strength), sched)
 
     # ---- stages ---------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
@@ -208,7 +209,7 @@ class Pipeline:
         timings = {} if timings is None else timings
         m = self.model
         rng = TorchCPUGenerator(req.seed)
-        sched = make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
+        sched = req.schedule or make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
         begin = sched.begin_index(req.strength) if req.init_image is not None else 0
 
         t0 = time.perf_counter()
