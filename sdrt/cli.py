@@ -47,22 +47,14 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-# Each entry adds one subcommand; optional ones are skipped when their module is absent in this checkout.
-_COMMANDS: list[Callable] = [_add_export]
+def _commands() -> list[Callable]:
+    """One adder per subcommand; each module imports its heavy dependencies only when its command runs."""
+    from sdrt import bench, demo
+    from sdrt.engines import cli as engines_cli
+    from sdrt.runtime import cli as runtime_cli
 
-
-def _optional_commands() -> list[Callable]:
-    adders = []
-    for module, attr in (("sdrt.engines.cli", "add_subcommand"), ("sdrt.runtime.cli", "add_generate"),
-                         ("sdrt.bench", "add_subcommand"), ("sdrt.demo", "add_subcommand")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("sdrt"):
-                continue
-            raise
-        adders.append(getattr(mod, attr))
-    return adders
+    return [_add_export, engines_cli.add_subcommand, runtime_cli.add_generate, bench.add_subcommand,
+            demo.add_subcommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in _COMMANDS + _optional_commands():
+    for add in _commands():
         add(sub)
     return parser
 
