@@ -44,7 +44,8 @@ def main() -> int:
         print(f"{name:14s}{p['rel_l2']:10.2e}{p['max_abs']:10.2e}{c['size_bytes'] / 1e6:10.1f}{c['export_s']:8.1f}  {p['inputs']}")
         for variant, v in c.get("variants", {}).items():
             q = v["parity"]
-            print(f"  {variant} variant {q['rel_l2']:10.2e}{q['max_abs']:10.2e}  ({v['file']}, {v.get('attention', '')})")
+            what = v.get("attention") or (f"{v['groupnorms']} GroupNorm as LayerNormalization" if "groupnorms" in v else "")
+            print(f"  {variant} variant {q['rel_l2']:10.2e}{q['max_abs']:10.2e}  ({v['file']}, {what})")
     return 0
 
 

@@ -12,10 +12,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import time_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -50,13 +51,7 @@ def child(name: str, path: str, size: int, runs: int) -> float:
     feeds = {"sample": rng.standard_normal((2, 4, lat, lat), dtype=np.float32),
              "timestep": np.array([500, 500], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
-    s.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        s.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(time_calls(lambda: s.run(None, feeds), runs)))
 
 
 def main() -> int:

@@ -13,10 +13,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from timing import time_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,7 @@ def child(engine: str, path: str, size: int, threads: int, runs: int, hidden: in
         def run():
             with torch.no_grad():
                 unet(*args)
-    run()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(run, runs)
 
 
 def main() -> int:

@@ -18,7 +18,8 @@ from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_
                                    write_json_atomic)
 
 DEFAULT_OPSET = 17
-VARIANT_FILE = "model.ort.onnx"  # the UNet with fused attention, for ONNX Runtime's CPU provider
+VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU provider, over the same weights
+LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
 
 
 def parse_components(text: str | Sequence[str] | None) -> list[str]:
@@ -92,9 +93,13 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
 
 def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
                  opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
-                 allow_pickle: bool = False, progress: bool = True, fused_attention: bool = True,
+                 allow_pickle: bool = False, progress: bool = True, cpu_variants: bool = True,
                  log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
+
+    ``cpu_variants``: also write the graphs ONNX Runtime's CPU provider runs faster (``model.ort.onnx`` beside
+    ``model.onnx``, over the same weights file): the UNet with fused attention, the VAE with GroupNorm as
+    LayerNormalization (opset 17 or newer).
 
     Everything is written into a hidden directory beside ``engine_dir`` and renamed into place at the end,
     so an export that fails or is killed leaves no half-written engine directory.
@@ -118,6 +123,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
 
     from sdrt.export.graphs import WRAPPERS, example_inputs, export_graph, graph_specs
     from sdrt.export.parity import check_parity
+    from sdrt.export.rewrites import split_geglu
     from sdrt.export.tokenizer import export_tokenizer
 
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,13 +154,19 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             outputs = [n for n, _, _ in spec.outputs]
             variants = {}
             _set_postfix(bar, comp, "tracing")
-            if comp == "unet" and fused_attention:
-                graph, data_file, variants = _export_unet_variants(
-                    spec, module, loaded["unet"], example_inputs(spec, numbers, *trace_shape, vocab, seed=0),
-                    tmp / comp, opset, check_inputs, outputs)
+            trace_inputs = example_inputs(spec, numbers, *trace_shape, vocab, seed=0)
+            if comp == "unet":
+                with split_geglu(loaded["unet"]):
+                    if cpu_variants:
+                        graph, data_file, variants = _export_unet_variants(
+                            spec, module, loaded["unet"], trace_inputs, tmp / comp, opset, check_inputs, outputs)
+                    else:
+                        graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
+            elif comp.startswith("vae_") and cpu_variants and opset >= 17:
+                graph, data_file, variants = _export_vae_variants(
+                    comp, spec, module, trace_inputs, tmp / comp, opset, check_inputs, outputs)
             else:
-                graph, data_file = export_graph(
-                    spec, module, example_inputs(spec, numbers, *trace_shape, vocab, seed=0), tmp / comp, opset)
+                graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
             _set_postfix(bar, comp, "parity")
             parity = check_parity(comp, graph, module, check_inputs, outputs)
             files = [graph] + ([graph.parent / data_file] if data_file else [])
@@ -169,6 +181,9 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 entries[comp]["variants"] = variants
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
+            for name, v in variants.items():
+                log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
+                    f"({name} variant: {v['file']})")
         loaded.clear()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -209,10 +224,38 @@ def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset
     onnx.save_model(model, str(plain))
     del model
     parity = check_parity("unet (fused attention)", fused, module, check_inputs, outputs)
-    files = [fused] + ([out_dir / data_file] if data_file else [])
+    return plain, data_file, {"cpu": _variant_entry("unet", fused, data_file, parity,
+                                                    attention="com.microsoft.MultiHeadAttention")}
+
+
+def _export_vae_variants(comp, spec, module, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+    """A VAE graph twice over one weights file: the portable ``model.onnx`` as traced, and ``model.ort.onnx``
+    with each GroupNorm as one LayerNormalization (the CPU backend's graph). Both are checked against PyTorch;
+    a graph without a GroupNorm to rewrite gets no variant."""
+    import onnx
+
+    from sdrt.export.graphs import export_graph
+    from sdrt.export.parity import check_parity
+    from sdrt.export.rewrites import groupnorm_as_layernorm
+
+    plain, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, external=True)
+    model = onnx.load(str(plain), load_external_data=False)
+    count = groupnorm_as_layernorm(model)
+    if not count:
+        return plain, data_file, {}
+    variant = out_dir / VARIANT_FILE
+    onnx.save_model(model, str(variant))
+    del model
+    parity = check_parity(f"{comp} (GroupNorm as LayerNormalization)", variant, module, check_inputs, outputs)
+    return plain, data_file, {"cpu": _variant_entry(comp, variant, data_file, parity,
+                                                    groupnorm="LayerNormalization", groupnorms=count,
+                                                    min_onnxruntime=LAYERNORM_BROADCAST_ORT)}
+
+
+def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, **what) -> dict:
+    files = [graph] + ([graph.parent / data_file] if data_file else [])
     digest, size = sha256_files(files)
-    return plain, data_file, {"cpu": {"file": f"unet/{VARIANT_FILE}", "sha256": digest, "size_bytes": size,
-                                      "attention": "com.microsoft.MultiHeadAttention", "parity": parity}}
+    return {"file": f"{comp}/{graph.name}", "sha256": digest, "size_bytes": size, **what, "parity": parity}
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -149,8 +149,10 @@ def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, la
 
 
 def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch.Tensor], out_dir: Path,
-                 opset: int, name: str = "model.onnx", custom_opsets: dict | None = None) -> tuple[Path, str | None]:
-    """Trace ``module`` to ``out_dir/name``; weights over 2 GiB go to one external-data file (model.onnx.data).
+                 opset: int, name: str = "model.onnx", custom_opsets: dict | None = None,
+                 external: bool = False) -> tuple[Path, str | None]:
+    """Trace ``module`` to ``out_dir/name``; weights over 2 GiB (or any, with ``external``: for a variant graph
+    that shares them) go to one external-data file (model.onnx.data).
 
     Returns the graph path and the data file's name (or None when the weights are inside the graph).
     """
@@ -172,10 +174,13 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch
     model = onnx.load(str(traced), load_external_data=True)
     weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
     graph_path = out_dir / name
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+    if external or weight_bytes > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         data_file = DATA_FILE
+        # onnx writes the data file owner-only; give it the mode the graph beside it got (a deployed engine
+        # directory is often read by another user than the one who exported it)
+        os.chmod(out_dir / DATA_FILE, graph_path.stat().st_mode & 0o777)
     else:
         onnx.save_model(model, str(graph_path))
         data_file = None

@@ -22,8 +22,9 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
                    "sha256": str, "size_bytes": int,     # over model.onnx then its data file
                    "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # shape entries: int or symbol str
                    "parity": {"rel_l2": float, "max_abs": float, "inputs": {name: shape}},
-                   "variants": {"cpu": {"file", "sha256", "size_bytes", "parity"}} }   # unet: fused attention
-                                                                                       # for ONNX Runtime CPU
+                   "variants": {"cpu": {"file", "sha256", "size_bytes", "parity",   # ONNX Runtime CPU's graph,
+                                        "min_onnxruntime"?: str, ...}} }   # same weights file; unet: fused
+                                                           # attention; vae_*: GroupNorm as LayerNormalization
       },
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},
       "engines": { "<component>": [ {"key", "precision", "profiles", "tensorrt_version", ...} ] }  # by `sdrt build`

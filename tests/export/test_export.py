@@ -78,7 +78,8 @@ def test_graphs_have_the_contract_names_and_dynamic_axes(engine_dirs, kind):
         assert first[0].dim_param == "batch", f"{name}: batch is not dynamic"
         if name != "text_encoder":
             assert first[2].dim_param and first[3].dim_param, f"{name}: height/width are not dynamic"
-        assert c["sha256"] and c["size_bytes"] == (engine / c["file"]).stat().st_size, name
+        files = [engine / c["file"]] + ([engine / name / c["data_file"]] if c["data_file"] else [])
+        assert c["sha256"] and c["size_bytes"] == sum(f.stat().st_size for f in files), name
 
 
 def test_manifest_records_tools_and_source(sd1_engine, sd1_model):
@@ -220,6 +221,47 @@ def test_unet_has_a_fused_attention_variant_over_the_same_weights(engine_dirs, k
     a, b = (ort.InferenceSession(str(engine / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for f in (variant["file"], unet["file"]))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd1-tiny", "sd2-tiny"])
+@pytest.mark.parametrize("comp", ["vae_decoder", "vae_encoder"])
+def test_vae_has_a_layernorm_variant_over_the_same_weights(engine_dirs, kind, comp):
+    engine = engine_dirs[kind]
+    entry = manifest(engine)["components"][comp]
+    variant = entry["variants"]["cpu"]
+    assert entry["data_file"] == "model.onnx.data", "the two graphs share one weights file"
+    assert variant["min_onnxruntime"] == "1.24" and variant["parity"]["rel_l2"] <= 1e-4
+    fast = onnx.load(str(engine / variant["file"]), load_external_data=False)
+    plain = onnx.load(str(engine / entry["file"]), load_external_data=False)
+    ops_fast = [n.op_type for n in fast.graph.node]
+    ops_plain = [n.op_type for n in plain.graph.node]
+    assert "InstanceNormalization" not in ops_fast
+    assert ops_fast.count("LayerNormalization") == variant["groupnorms"] == ops_plain.count("InstanceNormalization")
+    assert [t.name for t in fast.graph.initializer] == [t.name for t in plain.graph.initializer]
+    m = manifest(engine)["model"]
+    f = m["vae_scale_factor"]
+    name = entry["inputs"][0]["name"]
+    shape = (2, m["latent_channels"], 5, 7) if comp == "vae_decoder" else (2, m["image_channels"], 5 * f, 7 * f)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    a, b = (ort.InferenceSession(str(engine / g), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+            for g in (variant["file"], entry["file"]))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+
+
+def test_cpu_backend_runs_the_variants_where_its_onnxruntime_can(sd1_engine, monkeypatch):
+    from sdrt.runtime.backends import onnxruntime as backend
+    from sdrt.runtime.manifest import Manifest
+
+    m = Manifest.load(sd1_engine)
+    cpu = backend.OnnxRuntimeBackend("cpu", threads=1)
+    assert cpu.load(m, "vae_decoder").path.name == "model.ort.onnx"
+    assert cpu.load(m, "text_encoder").path.name == "model.onnx"  # no variant
+    monkeypatch.setattr(ort, "__version__", "1.23.2")  # before LayerNormalization broadcast its scale
+    assert cpu.load(m, "vae_decoder").path.name == "model.onnx"
+    assert cpu.load(m, "unet").path.name == "model.ort.onnx"  # fused attention has no such floor
+    assert backend.runs_variant("1.24.0", {"min_onnxruntime": "1.24"})
+    assert backend.runs_variant("1.24.0.dev20260101+cpu", {"min_onnxruntime": "1.24"})
+    assert not backend.runs_variant("1.9.0", {"min_onnxruntime": "1.24"})
 
 
 def test_expand_attention_is_the_contrib_op_in_standard_ops(tmp_path):

@@ -8,6 +8,7 @@ execution, one intra-op thread per available core, memory arena and memory patte
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -29,9 +30,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """"1.24.1" -> (1, 24, 1); a local or dev suffix is ignored."""
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def runs_variant(ort_version: str, variant: dict) -> bool:
+    """Whether this onnxruntime runs a variant graph: its manifest entry may name the oldest one that does
+    (the same numbers come from the portable graph otherwise, only slower)."""
+    need = variant.get("min_onnxruntime")
+    return need is None or _version(ort_version) >= _version(need)
+
+
 class OrtSession(Session):
-    def __init__(self, component: str, session, inputs, outputs, use_io_binding: bool):
+    def __init__(self, component: str, session, inputs, outputs, use_io_binding: bool, path=None):
         self.component = component
+        self.path = path  # the graph file this session runs (a "cpu" variant or the portable model.onnx)
         self._session = session
         self.inputs = inputs
         self.outputs = outputs
@@ -99,8 +113,11 @@ class OnnxRuntimeBackend(Backend):
     def load(self, manifest, component: str) -> OrtSession:
         ort = self._ort()
         entry = manifest.component(component)
-        # the CPU provider runs the UNet variant with fused attention (export writes it); others the portable graph
-        path = manifest.graph_path(component, "cpu" if self.device == "cpu" else None)
+        # The CPU provider runs a component's "cpu" variant where export wrote one (the UNet with fused attention,
+        # the VAE with GroupNorm as LayerNormalization) and this onnxruntime can run it; others the portable graph.
+        variant = entry.get("variants", {}).get("cpu") if self.device == "cpu" else None
+        use_variant = variant is not None and runs_variant(ort.__version__, variant)
+        path = manifest.graph_path(component, "cpu" if use_variant else None)
         try:
             session = ort.InferenceSession(str(path), self.session_options(), providers=PROVIDERS[self.device])
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
@@ -112,7 +129,7 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(
                 f"component {component!r}: graph inputs {graph_inputs} differ from the manifest's "
                 f"{[s.name for s in inputs]} (corrupt engine directory)")
-        return OrtSession(component, session, inputs, outputs, use_io_binding=self.device != "cpu")
+        return OrtSession(component, session, inputs, outputs, use_io_binding=self.device != "cpu", path=path)
 
     def describe(self) -> str:
         return f"{self.name} ({self.threads} threads)" if self.device == "cpu" else self.name
