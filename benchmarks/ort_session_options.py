@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "sdrt default": {},
     "threads=1": {"threads": 1},
-    "no memory pattern": {"enable_mem_pattern": False},
+    "memory pattern on": {"enable_mem_pattern": True},
     "no CPU memory arena": {"enable_cpu_mem_arena": False},
     "optimization level EXTENDED": {"level": "ORT_ENABLE_EXTENDED"},
     "denormals as zero": {"config": {"session.set_denormal_as_zero": "1"}},

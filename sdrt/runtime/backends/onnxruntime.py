@@ -2,7 +2,9 @@
 TensorRT execution providers where onnxruntime-gpu is installed, with IO binding.
 
 Session options are chosen by measurement on the CPU (see benchmarks/): all graph optimizations, sequential
-execution, one intra-op thread per available core, memory arena and memory patterns on.
+execution, one intra-op thread per available core, memory arena on, memory patterns off (a pattern is
+allocated afresh on the second call at each shape: at 512 px that call page-faulted 0.9 GB in the VAE decoder
+and its process peaked 0.9 GB higher, for no steady-state gain; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.enable_cpu_mem_arena = True
-        opts.enable_mem_pattern = True
+        opts.enable_mem_pattern = False  # see the module docstring
         opts.log_severity_level = 3
         return opts
 
