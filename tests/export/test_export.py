@@ -309,3 +309,27 @@ def test_a_variant_only_weights_file_is_one_line(sd1_model, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "vae" in last and "could not load" in last, last
     assert not (tmp_path / "e").exists()
+
+
+def test_engine_dir_files_get_the_usual_mode(sd1_engine):
+    """Not owner-only (mkstemp's and onnx's external-data default): a deployed engine directory is often read
+    by another user than the one who exported it."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [sd1_engine / "sdrt.json"] + sorted(sd1_engine.glob("*/model.onnx.data"))
+    assert len(files) >= 3
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    from sdrt.runtime.manifest import write_text_atomic
+
+    target = tmp_path / "report.md"
+    target.write_text("old")
+    target.chmod(0o640)
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
