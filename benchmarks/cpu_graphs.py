@@ -32,17 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _session_run(engine: str, path: str, feeds: dict):
+    sys.path.insert(0, str(ROOT))
     if engine == "openvino":
         import openvino as ov
 
+        from sdrt.runtime.backends.openvino import OpenVinoBackend
+
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(path), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2})
+        compiled = core.compile_model(core.read_model(path), "CPU", OpenVinoBackend().compile_config())
         req = compiled.create_infer_request()
         return lambda: req.infer(feeds)
     import onnxruntime as ort
 
-    sys.path.insert(0, str(ROOT))
     from sdrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     s = ort.InferenceSession(path, OnnxRuntimeBackend("cpu").session_options(), providers=["CPUExecutionProvider"])

@@ -64,9 +64,12 @@ def profile_onnxruntime(path: Path, feeds) -> tuple[float, collections.Counter, 
 def profile_openvino(path: Path, feeds) -> tuple[float, collections.Counter, collections.Counter]:
     import openvino as ov
 
+    sys.path.insert(0, str(ROOT))
+    from sdrt.runtime.backends.openvino import OpenVinoBackend
+
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+    compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                  {**OpenVinoBackend().compile_config(), "PERF_COUNT": True})
     req = compiled.create_infer_request()
     req.infer(feeds)
     t0 = time.perf_counter()

@@ -41,9 +41,11 @@ def child(engine: str, path: str, size: int, threads: int, runs: int, hidden: in
     elif engine == "openvino":
         import openvino as ov
 
+        sys.path.insert(0, str(ROOT))
+        from sdrt.runtime.backends.openvino import OpenVinoBackend
+
         core = ov.Core()
-        m = core.compile_model(core.read_model(path), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        m = core.compile_model(core.read_model(path), "CPU", OpenVinoBackend(threads=threads).compile_config())
         req = m.create_infer_request()
         run = lambda: req.infer(feeds)  # noqa: E731
     else:
