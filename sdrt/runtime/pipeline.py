@@ -76,6 +76,64 @@ class Result:
     timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
 
 
+class Denoising:
+    """One request's denoising loop, a step at a time: ``unet_inputs()``, run the UNet, ``advance(out)``.
+
+    It holds the per-call state (scheduler state, generator, latents, text embeddings) and nothing of the
+    Pipeline, so a caller may run the UNet on the inputs of several requests concatenated along the batch
+    axis (every input's first axis is the batch) and hand each its own slice of the output: this is what the
+    serving engine does. Each request keeps its own scheduler, guidance and random draws, so its result does
+    not depend on what it was batched with.
+    """
+
+    def __init__(self, req: Request, sched: Scheduler, state, rng: TorchCPUGenerator, latents: np.ndarray,
+                 context: np.ndarray, begin: int):
+        self.req = req
+        self.sched = sched
+        self.state = state
+        self.rng = rng
+        self.latents = latents
+        self.context = context
+        self.begin = begin
+        self.index = begin  # the next index into sched.timesteps
+
+    @property
+    def total(self) -> int:
+        """UNet calls this request makes (len(timesteps) - begin: heun and pndm make more than ``steps``)."""
+        return len(self.sched.timesteps) - self.begin
+
+    @property
+    def completed(self) -> int:
+        return self.index - self.begin
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.sched.timesteps)
+
+    @property
+    def unet_batch(self) -> int:
+        """Samples this request adds to a UNet call (twice its images when guided)."""
+        return self.req.batch * (2 if self.req.guided else 1)
+
+    def unet_inputs(self) -> dict[str, np.ndarray]:
+        x = self.sched.scale_model_input(self.latents, self.index).astype(np.float32)
+        x = np.concatenate([x, x]) if self.req.guided else x
+        t = np.full((x.shape[0],), self.sched.timesteps[self.index], dtype=np.float32)
+        return {"sample": x, "timestep": t, "encoder_hidden_states": self.context}
+
+    def advance(self, out_sample: np.ndarray) -> Step:
+        """Take this request's UNet output (``unet_batch`` samples) and step its scheduler."""
+        k, i = self.completed, self.index
+        _check_finite("unet", out_sample, f" at step {k + 1} of {self.total}")
+        req = self.req
+        if req.guided:
+            eps_uncond, eps_text = out_sample[: req.batch], out_sample[req.batch:]
+            out_sample = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
+        self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
+        self.index += 1
+        return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
+
+
 def _check_finite(stage: str, array: np.ndarray, detail: str = "") -> None:
     if not np.isfinite(array).all():
         raise StageError(f"{stage} produced NaN or inf{detail}; the engine or its precision is broken for these inputs")
@@ -99,11 +157,16 @@ class Pipeline:
         except (OSError, ValueError) as e:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
-        for comp in ("text_encoder", "unet", "vae_decoder"):
-            self.sessions[comp] = self.backend.load(self.manifest, comp)
         self._encoder_lock = threading.Lock()
+        wanted = ["text_encoder", "unet", "vae_decoder"]
         if load_encoder and self.manifest.has("vae_encoder"):
-            self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
+            wanted.append("vae_encoder")
+        try:
+            for comp in wanted:
+                self.sessions[comp] = self.backend.load(self.manifest, comp)
+        except BaseException:
+            self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
+            raise
 
     # ---- requests -------------------------------------------------------------------------------------
     def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -167,6 +230,10 @@ class Pipeline:
                        int(width), int(num_images), init_image, float(strength), sched)
 
     # ---- stages ---------------------------------------------------------------------------------------
+    def text_inputs(self, req: Request) -> list[str]:
+        """The prompts the text encoder reads for ``req``: positives, then negatives when guided."""
+        return req.prompts + (req.negative_prompts if req.guided else [])
+
     def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer.encode(list(prompts))
         out = self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
@@ -193,28 +260,34 @@ class Pipeline:
         shift = self.model.shift_factor or 0.0
         return ((sample - shift) * self.model.scaling_factor).astype(np.float32)
 
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents -> the VAE's float output [n, C, H, W] in about [-1, 1], unchecked."""
+        shift = self.model.shift_factor or 0.0
+        z = (latents / self.model.scaling_factor + shift).astype(np.float32)
+        return self.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents -> images [n, H, W, 3] uint8."""
         from sdrt.runtime.images import decode_to_uint8
 
-        shift = self.model.shift_factor or 0.0
-        z = (latents / self.model.scaling_factor + shift).astype(np.float32)
-        sample = self.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+        sample = self.vae_decode(latents)
         _check_finite("vae_decoder", sample)
         return decode_to_uint8(sample)
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
-        """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
+    def start(self, req: Request, texts: np.ndarray | None = None, timings: dict | None = None) -> "Denoising":
+        """Everything before the first UNet call: text embeddings (``texts``, encoded here unless the caller
+        batched them: ``encode_prompts(text_inputs(req))``), the initial latents and the scheduler state."""
         timings = {} if timings is None else timings
         m = self.model
         rng = TorchCPUGenerator(req.seed)
         sched = req.schedule or make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
         begin = sched.begin_index(req.strength) if req.init_image is not None else 0
 
-        t0 = time.perf_counter()
-        texts = self.encode_prompts(req.prompts + (req.negative_prompts if req.guided else []))
-        timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
+        if texts is None:
+            t0 = time.perf_counter()
+            texts = self.encode_prompts(self.text_inputs(req))
+            timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
         n = len(req.prompts)
         cond = np.repeat(texts[:n], req.num_images, axis=0)
         if req.guided:
@@ -233,24 +306,20 @@ class Pipeline:
             init = np.concatenate([init] * req.batch) if req.batch > 1 else init
             noise = rng.randn(init.shape)
             latents = sched.add_noise(init, noise, begin).astype(np.float32)
+        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin)
 
-        state = sched.init_state(begin)
+    def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
+        """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
+        timings = {} if timings is None else timings
+        loop = self.start(req, timings=timings)
         unet = self.sessions["unet"]
         step_ms = timings.setdefault("unet_step_ms", [])
-        total = len(sched.timesteps) - begin
-        for k, i in enumerate(range(begin, len(sched.timesteps))):
+        while not loop.done:
             t0 = time.perf_counter()
-            x = sched.scale_model_input(latents, i).astype(np.float32)
-            x = np.concatenate([x, x]) if req.guided else x
-            t = np.full((x.shape[0],), sched.timesteps[i], dtype=np.float32)
-            eps = unet.run({"sample": x, "timestep": t, "encoder_hidden_states": context})["out_sample"]
-            _check_finite("unet", eps, f" at step {k + 1} of {total}")
-            if req.guided:
-                eps_uncond, eps_text = eps[: req.batch], eps[req.batch:]
-                eps = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
-            latents = sched.step(state, i, eps, latents, rng).astype(np.float32, copy=False)
+            out = unet.run(loop.unet_inputs())["out_sample"]
+            step = loop.advance(out)
             step_ms.append((time.perf_counter() - t0) * 1e3)
-            yield Step(k, total, float(sched.timesteps[i]), latents)
+            yield step
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  callback: Callable[[Step], None] | None = None, **settings) -> Result:
