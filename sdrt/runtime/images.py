@@ -10,6 +10,7 @@ concurrent reader never sees half an image.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -54,30 +55,43 @@ def decode_to_uint8(sample: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
+def _open_init_image(source: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
+    """The picture as RGB with its EXIF orientation applied (``diffusers.utils.load_image``), and a name for errors."""
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB"), "init image"
+    if isinstance(source, (bytes, bytearray)):
+        name, opener = "init image", lambda: Image.open(io.BytesIO(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"init image {path} does not exist or is not a file")
+        name, opener = f"init image {path}", lambda: Image.open(path)
+    try:
+        with opener() as opened:
+            return ImageOps.exif_transpose(opened).convert("RGB"), name
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise UserError(f"{name} cannot be read as an image: {exc}") from exc
+
+
 def load_init_image(
-    path: str | Path, vae_scale_factor: int, height: int | None = None, width: int | None = None
+    source: str | Path | bytes | Image.Image, vae_scale_factor: int, height: int | None = None,
+    width: int | None = None,
 ) -> np.ndarray:
     """An img2img init image as ``[1, 3, H, W]`` float32 in [-1, 1], as diffusers prepares a loaded image.
 
-    ``diffusers.utils.load_image`` (EXIF orientation applied, converted to RGB), then
-    ``VaeImageProcessor.preprocess``: height/width default to the image's, both rounded *down* to a multiple
-    of ``vae_scale_factor`` (the VAE cannot encode other sizes), Lanczos resize, ``/255``, ``*2 - 1``.
+    ``source`` is a path, the bytes of an image file, or a PIL image. ``diffusers.utils.load_image`` (EXIF
+    orientation applied, converted to RGB), then ``VaeImageProcessor.preprocess``: height/width default to the
+    image's, both rounded *down* to a multiple of ``vae_scale_factor`` (the VAE cannot encode other sizes),
+    Lanczos resize, ``/255``, ``*2 - 1``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"init image {path} does not exist or is not a file")
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise UserError(f"init image {path} cannot be read as an image: {exc}") from exc
+    image, name = _open_init_image(source)
 
     height = image.height if height is None else int(height)
     width = image.width if width is None else int(width)
     height, width = height - height % vae_scale_factor, width - width % vae_scale_factor
     if height <= 0 or width <= 0:
         raise UserError(
-            f"init image {path} is {image.width}x{image.height}: height and width must be at least "
+            f"{name} is {image.width}x{image.height}: height and width must be at least "
             f"the VAE scale factor {vae_scale_factor}"
         )
     # PIL returns a copy when the size is unchanged, exactly as diffusers' unconditional resize does.
@@ -175,6 +189,16 @@ def save_png(image: np.ndarray, path: str | Path, parameters: str | None = None)
     with _atomic_path(path) as tmp:
         _as_pil(image).save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+def encode_png(image: np.ndarray, parameters: str | None = None) -> bytes:
+    """The PNG file ``save_png`` writes, as bytes (for a service's answers)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    _as_pil(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def read_png_parameters(path: str | Path) -> str | None:
