@@ -1,4 +1,4 @@
-"""`sdrt export | build | generate | bench | demo`.
+"""`sdrt export | build | generate | bench | serve | demo`.
 
 A user error is one line on stderr naming the bad value and what is allowed, and a non-zero exit; no traceback.
 Heavy imports happen inside each command, so `sdrt generate` works on the torch-free base install.
@@ -54,13 +54,14 @@ def _commands() -> list[Callable]:
     from sdrt import bench, demo
     from sdrt.engines import cli as engines_cli
     from sdrt.runtime import cli as runtime_cli
+    from sdrt.serve import cli as serve_cli
 
     return [_add_export, engines_cli.add_subcommand, runtime_cli.add_generate, bench.add_subcommand,
-            demo.add_subcommand]
+            serve_cli.add_subcommand, demo.add_subcommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdrt", description="Stable Diffusion deployment engine: export, build, generate, bench.")
+    parser = _Parser(prog="sdrt", description="Stable Diffusion deployment engine: export, build, generate, bench, serve.")
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -52,7 +52,12 @@ def main() -> int:
             assert "Steps: 3" in im.info.get("parameters", ""), im.info
         run([py, "-c", "import sys, sdrt.runtime; from sdrt.runtime import Pipeline; "
                        "assert not {'torch','transformers','diffusers'} & set(sys.modules)"])
-        print("base install: torch-free `sdrt generate` OK")
+        # the service too: `pip install 'sdrt[serve]'` adds FastAPI, uvicorn and prometheus-client, no torch
+        run([py, "-m", "pip", "install", "-q", f"{ROOT}[serve]"])
+        run([py, "-c", "import sys, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli; "
+                       "heavy = {'torch','transformers','diffusers'} & set(sys.modules); assert not heavy, heavy"])
+        run([env_dir / "bin" / "sdrt", "serve", "--help"], stdout=subprocess.DEVNULL)
+        print("base install: torch-free `sdrt generate` and `sdrt serve` OK")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

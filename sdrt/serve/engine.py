@@ -442,11 +442,13 @@ class Engine:
     def _answer(self, job: Job, outcome: str, result: JobResult | None = None, message: str = "") -> None:
         if not job._finish(outcome, result, message):
             return
-        if job.tag != "warmup":
-            self.observer.finished(job)
-            if outcome == "completed":
-                alpha = 0.2
-                self._service_s = (1 - alpha) * self._service_s + alpha * job.timings["total_ms"] / 1e3
+        if job.tag == "warmup":
+            log.info("warm-up request %s in %.0f ms", outcome, job.timings["total_ms"])
+            return
+        self.observer.finished(job)
+        if outcome == "completed":
+            alpha = 0.2
+            self._service_s = (1 - alpha) * self._service_s + alpha * job.timings["total_ms"] / 1e3
         req = job.req
         log.info(json.dumps({
             "event": "request", "id": job.id, "api": job.tag, "outcome": outcome, "size": f"{req.width}x{req.height}",

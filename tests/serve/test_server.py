@@ -1,0 +1,86 @@
+"""`sdrt serve` as a process: ready after warm-up, drains on SIGTERM (503 for new requests, accepted ones
+finish, exit 0), one structured log line per request, one-line errors for bad options."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(engine_dir, *args, env=None):
+    port = _free_port()
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "serve", str(engine_dir), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "not ready in time"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def test_sigterm_drains_then_exits_zero(sd1_engine):
+    proc, url = _start(sd1_engine, "--drain-timeout", "60")
+    try:
+        job = httpx.post(f"{url}/v1/jobs", json=dict(prompt="drain me", steps=150, seed=1), timeout=10).json()["id"]
+        with httpx.stream("GET", f"{url}/v1/jobs/{job}/events", timeout=120) as events:
+            lines = events.iter_lines()
+            for line in lines:
+                if line.startswith("event: step"):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/readyz", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            late = httpx.post(f"{url}/v1/images", json=dict(prompt="late", steps=2), timeout=10)
+            assert late.status_code == 503 and "draining" in late.json()["error"]["message"]
+            final = [line for line in lines if line.startswith("event: ")][-1]
+        assert final == "event: done"  # the accepted request finished
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    logged = [json.loads(line.split(" INFO ", 1)[1]) for line in err.splitlines() if '"event": "request"' in line]
+    assert [(r["id"], r["outcome"]) for r in logged] == [(job, "completed")]
+    assert "Traceback" not in err
+
+
+def test_bad_options_are_one_line(sd1_engine, tmp_path):
+    assert_one_line_error(run_cli("serve", tmp_path / "nope"), "nope")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--max-batch", "0"), "--max-batch 0")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--api-key-env", "SDRT_TEST_UNSET_VAR"),
+                          "SDRT_TEST_UNSET_VAR")
+
+
+def test_serve_imports_no_torch():
+    code = ("import sys, sdrt.serve, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
