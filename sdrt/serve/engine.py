@@ -256,7 +256,7 @@ class Engine:
         self._service_s = 1.0                 # running mean of a job's time in the engine, for Retry-After
         self.ready = False
         self.broken: str | None = None        # set when the worker died: health checks fail
-        self.keep_finished = 1024
+        self.keep_finished = 256             # answered jobs kept (with their images) for GET /v1/jobs/{id}
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> "Engine":
@@ -268,7 +268,8 @@ class Engine:
         if warmup:
             job = self._accept([self._warmup_request()], timeout=self.timeout, tag="warmup", internal=True)[0]
             job.wait()
-            self._jobs.pop(job.id, None)
+            with self._cv:
+                self._jobs.pop(job.id, None)
         self._accepting = True
         self.ready = True
         return self
@@ -357,13 +358,14 @@ class Engine:
         return max(1, math.ceil(per_slot * (len(self._queue) + 1)))
 
     def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+        with self._cv:
+            return self._jobs.get(job_id)
 
     def cancel(self, job_id: str) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is not None:
-            job.cancel()
-            with self._cv:
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.cancel()
                 self._cv.notify_all()
         return job
 

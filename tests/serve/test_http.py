@@ -114,13 +114,18 @@ def test_cancel_by_id(live):
 
 def test_client_disconnect_cancels_its_request(live):
     engine = live.service.engine
-    before = {j.id for j in engine._jobs.values()}
+
+    def jobs():
+        with engine._cv:  # the worker may add or forget jobs meanwhile
+            return list(engine._jobs.values())
+
+    before = {j.id for j in jobs()}
     body = json.dumps(dict(prompt="disconnect me", steps=150, seed=1)).encode()
     with socket.create_connection(("127.0.0.1", live.port)) as s:
         s.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 30
-        while not (new := [j for j in engine._jobs.values() if j.id not in before and j.tag == "native"]):
+        while not (new := [j for j in jobs() if j.id not in before and j.tag == "native"]):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         job = new[0]
