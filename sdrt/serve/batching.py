@@ -96,24 +96,22 @@ class StepScheduler:
             groups.setdefault(r.key, []).append(r)
         # the group whose longest-waiting member has waited longest; then arrival order
         members = min(groups.values(), key=lambda g: min((r.last_served, r.seq) for r in g))
-        members.sort(key=lambda r: (r.last_served, r.seq))
-        chosen, images = [], 0
-        for r in members:
-            if chosen and images + r.images > self.max_batch:
-                continue
-            chosen.append(r)
-            images += r.images
-        return chosen
+        return _fill(sorted(members, key=lambda r: (r.last_served, r.seq)), self.max_batch)
 
     def _decode_group(self, finished: Sequence) -> list:
         if not finished:
             return []
         ordered = sorted(finished, key=lambda r: r.seq)
         shape = ordered[0].latent_shape
-        chosen, images = [], 0
-        for r in ordered:
-            if r.latent_shape != shape or (chosen and images + r.images > self.decode_batch):
-                continue
-            chosen.append(r)
-            images += r.images
-        return chosen
+        return _fill([r for r in ordered if r.latent_shape == shape], self.decode_batch)
+
+
+def _fill(candidates: Sequence, limit: int) -> list:
+    """Candidates in order while their images fit ``limit``, skipping those that do not (the first always goes)."""
+    chosen, images = [], 0
+    for r in candidates:
+        if chosen and images + r.images > limit:
+            continue
+        chosen.append(r)
+        images += r.images
+    return chosen
