@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py ENGINE_DIR [--steps 25] [--size 32] [--requests 16]
                                               [--clients 1,2,4,8] [--overload] [--overhead-size 512]
-                                              [--json F]
+                                              [--overhead-steps 25] [--json F]
 
 Starts `sdrt serve ENGINE_DIR` on 127.0.0.1 (a free port) as a child process, and for each client count runs
 a closed loop: every client sends its next request when the last one is answered, until `--requests`
@@ -177,6 +177,7 @@ def main() -> int:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--overload", action="store_true", help="also: 32 clients against --max-queue 4")
     ap.add_argument("--overhead-size", type=int, default=None, help="also: the service's own time at this size")
+    ap.add_argument("--overhead-steps", type=int, default=None, help="steps of that request (default: --steps)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -200,7 +201,8 @@ def main() -> int:
                   f"p99 {run['latency_p99_s']:.2f} s, queue {run['queue_ms_mean']:.0f} ms, UNet batch "
                   f"{run['unet_batch_mean']:.1f} samples, errors {run['errors']} {run['statuses']}", flush=True)
         if args.overhead_size:
-            report["overhead"] = overhead(service.url, body, args.overhead_size, args.max_seconds)
+            report["overhead"] = overhead(service.url, dict(body, steps=args.overhead_steps or args.steps),
+                                          args.overhead_size, args.max_seconds)
     finally:
         service.stop()
 
