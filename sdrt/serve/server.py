@@ -85,8 +85,10 @@ def serve(config: ServeConfig) -> int:
     Manifest.load(config.engine_dir, verify="none")  # a bad ENGINE_DIR is one line before anything listens
     service = Service(api_key=api_key, model_name=model_name(config.engine_dir))
     app = create_app(service)
+    # http="h11": with uvicorn's httptools protocol every JSON answer reached the client ~45 ms after it was sent
+    # (measured on loopback, a 4 KB answer; the body waits on the client's delayed ACK), with h11 ~1 ms.
     server = _draining_server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                             access_log=False, timeout_graceful_shutdown=5),
+                                             access_log=False, timeout_graceful_shutdown=5, http="h11"),
                               service, config.drain_timeout)
 
     def load():
