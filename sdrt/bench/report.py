@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 STAGES = (("text_encoder_ms", "text encoder (ms)"), ("unet_step_ms", "UNet step (ms)"),
           ("vae_decode_ms", "VAE decode (ms)"))
@@ -77,8 +76,10 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         ax2.set_title("identical images" if parity.get("image_psnr_db") is None
                       else f"image PSNR {parity['image_psnr_db']:.1f} dB")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from sdrt.runtime.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -5,23 +5,21 @@ The numbers follow diffusers exactly - ``VaeImageProcessor.postprocess`` + ``num
 compared with a diffusers image pixel for pixel. PNGs carry the generation settings in a ``parameters``
 text chunk laid out as AUTOMATIC1111 writes it, because that is what image viewers, galleries and "PNG info"
 tools already read. Every file is written beside its target and renamed into place, so a crash or a
-concurrent reader never sees half an image.
+concurrent reader never sees half an image, with the mode ``open`` would give it (sdrt.runtime.files).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from sdrt.errors import UserError
+from sdrt.runtime.files import atomic_path
 
 # A1111's sampler names (and schedule type) for sdrt's --scheduler names and the diffusers classes a model
 # may default to, so galleries that parse the infotext recognise the sampler.
@@ -140,21 +138,6 @@ def format_parameters(
     return f"{prompt}{negative}\n{settings}".strip()
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path``, renamed onto it when the block succeeds and removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _as_pil(image: np.ndarray) -> Image.Image:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
@@ -172,7 +155,7 @@ def save_png(image: np.ndarray, path: str | Path, parameters: str | None = None)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         _as_pil(image).save(tmp, format="PNG", pnginfo=info)
     return path
 
@@ -191,7 +174,7 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, duration_ms: int = 
     if len({p.size for p in pils}) != 1:
         raise ValueError(f"GIF frames differ in size: {sorted({p.size for p in pils})}")
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=int(duration_ms), loop=0)
     return path
 

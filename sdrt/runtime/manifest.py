@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import UserError
+from sdrt.runtime.files import write_text_atomic
 
 MANIFEST_NAME = "sdrt.json"
 FORMAT = "sdrt-engine"
@@ -189,31 +190,5 @@ class Manifest:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON beside the target (a unique temporary file, synced) and rename it into place."""
+    """Write JSON beside the target (a temporary file with the usual mode, synced) and rename it into place."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text beside the target (a unique temporary file, synced) and rename it into place."""
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file owner-only; give it the mode a plain open() would (or the replaced file's)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

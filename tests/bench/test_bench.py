@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,6 +58,11 @@ def test_markdown_and_plot_are_written(bench_run):
     assert "| sdrt |" in md and "| diffusers |" in md and "image PSNR" in md
     png = (out / "b.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("b.png", "b.json", "b.md"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert sorted(p.name for p in out.iterdir()) == ["b.json", "b.md", "b.png"]  # no temporaries left
 
 
 def test_bad_options_are_one_line(sd1_engine, tmp_path):

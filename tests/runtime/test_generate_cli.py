@@ -10,17 +10,20 @@ import pytest
 from PIL import Image
 
 from sdrt.runtime.images import read_png_parameters
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, umask
 
 
 def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine, tmp_path):
     out = tmp_path / "x.png"
     gif = tmp_path / "p.gif"
-    r = run_cli("generate", sd1_engine, "a red circle", "-o", out, "--num-images", 2, "--steps", 4, "--seed", 42,
-                "--scheduler", "euler_a", "--negative-prompt", "blurry", "--preview", gif)
+    with umask(0o022):
+        r = run_cli("generate", sd1_engine, "a red circle", "-o", out, "--num-images", 2, "--steps", 4,
+                    "--seed", 42, "--scheduler", "euler_a", "--negative-prompt", "blurry", "--preview", gif)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["p.gif", "x-0.png", "x-1.png"]
+    # the umask's mode, as any other program's output: a web server or another user can read them
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in files} == dict.fromkeys(files, 0o644)
     params = read_png_parameters(tmp_path / "x-0.png")
     assert params.startswith("a red circle\nNegative prompt: blurry\n")
     assert "Steps: 4" in params and "Seed: 42" in params and "Euler a" in params and "Size: 32x32" in params

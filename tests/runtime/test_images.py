@@ -161,6 +161,22 @@ def test_save_png_overwrites_atomically_and_cleans_up_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_pictures_get_the_umask_mode_and_a_replaced_file_keeps_its_own(tmp_path, mask):
+    """mkstemp would make every picture 0600, unreadable by a web server or another user."""
+    from tests.conftest import umask
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    with umask(mask):
+        png = save_png(image, tmp_path / "x.png", "p")
+        gif = save_gif([image, image], tmp_path / "x.gif")
+        assert png.stat().st_mode & 0o777 == 0o666 & ~mask
+        assert gif.stat().st_mode & 0o777 == 0o666 & ~mask
+        png.chmod(0o640)
+        save_png(image, png, "again")
+        assert png.stat().st_mode & 0o777 == 0o640
+
+
 def test_save_gif(tmp_path):
     frames = [np.full((16, 24, 3), v, np.uint8) for v in (0, 128, 255)]
     path = save_gif(frames, tmp_path / "preview.gif", duration_ms=50)
