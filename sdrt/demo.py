@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,7 @@ def _diffusers_parity(model, prompts, images, steps, guidance, seed, scheduler):
     return psnrs
 
 
+@terminate_as_interrupt
 def _cmd_demo(args) -> int:
     run_demo(Path(args.model), Path(args.out), args.steps, args.guidance, args.seed, args.scheduler,
              progress=not args.quiet)

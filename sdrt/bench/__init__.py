@@ -10,10 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.bench.runner import Settings, run_bench
 from sdrt.runtime.manifest import write_json_atomic, write_text_atomic
 
 
+@terminate_as_interrupt
 def _cmd_bench(args) -> int:
     from sdrt.bench.report import markdown, plot
 

@@ -49,7 +49,11 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdrt.bench.worker", *argv, "--scratch", str(scratch)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.hello = self._read()
+        try:
+            self.hello = self._read()
+        except BaseException:  # a worker that failed to load, or Ctrl-C/SIGTERM while it loads
+            self.close(kill=True)
+            raise
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -68,7 +72,11 @@ class Worker:
             raise UserError(f"bench worker {self.name!r}: {reply['error']}")
         return reply
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Ask the worker to quit (``kill``: end it now, e.g. when interrupted mid-run), then release its pipes."""
+        if self.proc.poll() is None and kill:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
@@ -160,12 +168,12 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
         raise UserError(f"--reference {reference!r}: not a diffusers checkpoint (model_index.json missing)")
     gen = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "guidance": s.guidance,
            "seed": s.seed, "scheduler": s.scheduler, "height": s.height, "width": s.width, "batch": s.batch}
-    scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     workers: dict[str, Worker] = {}
     from tqdm import tqdm
 
     total = 2 + (s.warmup + s.runs) * (2 if reference else 1) + (3 if reference else 0)
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
+    scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     try:
         threads = ["--threads", str(s.threads)] if s.threads else []
         bar.set_postfix_str("loading sdrt")
@@ -241,6 +249,11 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
         settings_out.update(engine_dir=str(engine_dir), reference=reference)
         return {"environment": _environment(s.threads), "settings": settings_out, "runs": runs, "ratio": ratio,
                 "parity": parity}
+    except BaseException:
+        # failed, Ctrl-C or SIGTERM: a worker may be mid-run for minutes; end it before removing its folder
+        for w in workers.values():
+            w.close(kill=True)
+        raise
     finally:
         bar.close()
         for w in workers.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import hashlib
 import json
 import os
@@ -127,6 +128,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     from sdrt.export.tokenizer import export_tokenizer
 
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(engine_dir, log)
     tmp = engine_dir.with_name(f".{engine_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -256,6 +258,28 @@ def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, 
     files = [graph] + ([graph.parent / data_file] if data_file else [])
     digest, size = sha256_files(files)
     return {"file": f"{comp}/{graph.name}", "sha256": digest, "size_bytes": size, **what, "parity": parity}
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(engine_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove what exports into ``engine_dir`` left when they were killed outright (SIGKILL, a crash, power):
+    ``.NAME.tmp-PID`` and, when ``engine_dir`` itself is in place, ``.NAME.old-PID``. The PID says whose: a
+    folder whose process still runs (a concurrent export) is left alone."""
+    for path in engine_dir.parent.glob(f".{glob.escape(engine_dir.name)}.*-*"):
+        kind, _, pid = path.name[len(engine_dir.name) + 2:].partition("-")
+        if (kind == "tmp" or (kind == "old" and engine_dir.is_dir())) and pid.isdigit() and path.is_dir() \
+                and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an export (process {pid}) that was killed")
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.errors import UserError
 
 
@@ -19,6 +20,7 @@ def _out_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
+@terminate_as_interrupt
 def _cmd_generate(args) -> int:
     from tqdm import tqdm
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,38 @@ def test_bad_options_are_one_line(sd1_engine, tmp_path):
 def test_missing_output_folder_is_refused_before_running(sd1_engine, tmp_path):
     r = run_cli("bench", sd1_engine, "--json", tmp_path / "nope" / "b.json", "-q")
     assert r.returncode != 0 and "--json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_stopped_with_sigterm_leaves_no_folder_and_no_worker(sd1_engine, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "bench", str(sd1_engine), "--runs", "100000", "-q"],
+                            cwd=ROOT, env=dict(os.environ, TMPDIR=str(scratch_root)), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(scratch_root.glob("sdrt-bench-*/*-image.npy")):
+        time.sleep(0.05)  # until the worker runs and has written into the scratch folder
+    assert proc.poll() is None, proc.communicate()[1]
+    (scratch,) = scratch_root.glob("sdrt-bench-*")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["sdrt bench: terminated"]
+    assert not scratch.exists()
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+               and str(scratch).encode() in _cmdline(p)]
+    assert workers == []
+
+
+def _cmdline(proc_dir) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
