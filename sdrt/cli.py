@@ -12,11 +12,12 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from sdrt import __version__
 from sdrt._signals import terminate_as_interrupt
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,12 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(prog: str, show: Callable) -> Callable:
+    """sdrt's own warnings as one line each, ``sdrt generate: warning: ...``; other libraries' as they show them."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SdrtWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "sdrt"
     try:  # building the parser imports every subcommand's module: Ctrl-C may come that early
         args = build_parser().parse_args(argv)
         prog = f"sdrt {args.command}"
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(prog, warnings.showwarning)
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.files import atomic_path
 
 # A1111's sampler names (and schedule type) for sdrt's --scheduler names and the diffusers classes a model
@@ -53,31 +54,39 @@ def decode_to_uint8(sample: np.ndarray) -> np.ndarray:
 
 
 def load_init_image(
-    path: str | Path, vae_scale_factor: int, height: int | None = None, width: int | None = None
+    image: str | Path | Image.Image, vae_scale_factor: int, height: int | None = None, width: int | None = None
 ) -> np.ndarray:
     """An img2img init image as ``[1, 3, H, W]`` float32 in [-1, 1], as diffusers prepares a loaded image.
 
-    ``diffusers.utils.load_image`` (EXIF orientation applied, converted to RGB), then
-    ``VaeImageProcessor.preprocess``: height/width default to the image's, both rounded *down* to a multiple
-    of ``vae_scale_factor`` (the VAE cannot encode other sizes), Lanczos resize, ``/255``, ``*2 - 1``.
+    ``image`` is a path or a PIL image. ``diffusers.utils.load_image`` (EXIF orientation applied, converted
+    to RGB), then ``VaeImageProcessor.preprocess``: height/width default to the image's, both rounded *down*
+    to a multiple of ``vae_scale_factor`` (the VAE cannot encode other sizes; a SdrtWarning says so), Lanczos
+    resize, ``/255``, ``*2 - 1``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"init image {path} does not exist or is not a file")
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise UserError(f"init image {path} cannot be read as an image: {exc}") from exc
+    if isinstance(image, Image.Image):
+        name = f"init image ({image.width}x{image.height} {image.mode} PIL image)"
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    else:
+        path = Path(image)
+        name = f"init image {path}"
+        if not path.is_file():
+            raise UserError(f"{name} does not exist or is not a file")
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+            raise UserError(f"{name} cannot be read as an image: {exc}") from exc
 
-    height = image.height if height is None else int(height)
-    width = image.width if width is None else int(width)
-    height, width = height - height % vae_scale_factor, width - width % vae_scale_factor
+    asked = (image.height if height is None else int(height), image.width if width is None else int(width))
+    height, width = (v - v % vae_scale_factor for v in asked)
     if height <= 0 or width <= 0:
         raise UserError(
-            f"init image {path} is {image.width}x{image.height}: height and width must be at least "
+            f"{name} is {image.width}x{image.height}: height and width must be at least "
             f"the VAE scale factor {vae_scale_factor}"
         )
+    if (height, width) != asked:
+        warnings.warn(f"{name}: {asked[1]}x{asked[0]} is not a multiple of the VAE scale factor {vae_scale_factor}; "
+                      f"resized to {width}x{height}, as diffusers does", SdrtWarning, stacklevel=2)
     # PIL returns a copy when the size is unchanged, exactly as diffusers' unconditional resize does.
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
     pixels = np.asarray(image).astype(np.float32) / 255.0

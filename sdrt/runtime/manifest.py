@@ -48,6 +48,7 @@ FORMAT = "sdrt-engine"
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+VERIFY = ("none", "size", "sha256")  # how Manifest.load checks the files: not at all, sizes, full hashes
 MODEL_KEYS = (
     "latent_channels", "vae_scale_factor", "scaling_factor", "shift_factor", "sample_size",
     "default_height", "default_width", "size_multiple", "image_channels", "text_hidden_size", "text_max_length",
@@ -113,7 +114,13 @@ class Manifest:
 
         ``verify``: "none", "size" (files present with the recorded sizes; cheap) or "sha256" (full hash).
         """
+        if not isinstance(engine_dir, (str, os.PathLike)):
+            raise UserError(f"engine directory {engine_dir!r}: must be a path (str or os.PathLike)")
+        if verify not in VERIFY:
+            raise UserError(f"verify {verify!r}: choose one of {', '.join(VERIFY)}")
         engine_dir = Path(engine_dir)
+        if engine_dir.exists() and not engine_dir.is_dir():
+            raise UserError(f"engine directory {str(engine_dir)!r} is a file; give the folder `sdrt export` wrote")
         if not engine_dir.is_dir():
             raise UserError(f"engine directory {str(engine_dir)!r} does not exist; make one with `sdrt export`")
         path = engine_dir / MANIFEST_NAME

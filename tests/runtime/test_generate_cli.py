@@ -51,13 +51,32 @@ def test_img2img_from_the_command_line(sd1_engine, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "o.png").size == (48, 40)
     assert "Denoising strength: 0.5" in read_png_parameters(tmp_path / "o.png")
+    assert "warning" not in r.stderr
+    # the default strength, as --help says
+    r = run_cli("generate", sd1_engine, "a cat", "--init-image", init, "--steps", 4, "-o", tmp_path / "d.png", "-q")
+    from sdrt.runtime.pipeline import DEFAULT_STRENGTH
+
+    assert f"Denoising strength: {DEFAULT_STRENGTH}" in read_png_parameters(tmp_path / "d.png")
+    assert f"(default {DEFAULT_STRENGTH})" in " ".join(run_cli("generate", "--help").stdout.split())
+
+
+def test_an_init_image_off_the_size_grid_is_resized_with_a_one_line_warning(sd1_engine, tmp_path):
+    init = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((41, 49, 3), np.uint8)).save(init)
+    r = run_cli("generate", sd1_engine, "a cat", "--init-image", init, "--steps", 2, "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o.png").size == (48, 40)
+    warning = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warning == [f"sdrt generate: warning: init image {init}: 49x41 is not a multiple of the VAE scale "
+                       "factor 2; resized to 48x40, as diffusers does"]
 
 
 @pytest.mark.parametrize("args, needles", [
     (["--height", "33"], ["height 33", "multiple of 2"]),
     (["--steps", "0"], ["steps 0"]),
     (["--guidance", "-2"], ["guidance -2"]),
-    (["--num-images", "0"], ["number of images 0"]),
+    (["--num-images", "0"], ["num_images 0"]),
+    (["--strength", "0.5"], ["--strength 0.5", "--init-image"]),
     (["--scheduler", "magic"], ["'magic'", "dpmpp_2m_karras"]),
     (["--backend", "gpu9000"], ["gpu9000"]),
     (["--init-image", "/nonexistent.png"], ["/nonexistent.png"]),
@@ -84,6 +103,8 @@ def test_missing_or_corrupt_engine_directory(sd1_engine, tmp_path):
     import shutil
 
     assert_one_line_error(run_cli("generate", tmp_path / "none", "x", "-q"), "does not exist")
+    (tmp_path / "a-file").write_text("")
+    assert_one_line_error(run_cli("generate", tmp_path / "a-file", "x", "-q"), "a-file", "is a file")
     broken = tmp_path / "e"
     shutil.copytree(sd1_engine, broken)
     (broken / "vae_decoder" / "model.onnx").write_bytes(b"\0" * 10)
@@ -122,7 +143,7 @@ def test_init_image_array_of_the_wrong_layout_is_named(sd1_engine):
     from sdrt.runtime import Pipeline
 
     pipe = Pipeline(sd1_engine)
-    with pytest.raises(UserError, match=r"expected float \[1, 3, H, W\]"):
+    with pytest.raises(UserError, match=r"init_image <uint8 array of shape \[32, 32, 3\]>: .*float \[1, 3, H, W\]"):
         pipe.request("x", init_image=np.zeros((32, 32, 3), np.uint8))
 
 
