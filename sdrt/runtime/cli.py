@@ -26,7 +26,7 @@ def _cmd_generate(args) -> int:
 
     from sdrt.runtime.images import format_parameters, save_gif, save_png
     from sdrt.runtime.pipeline import Pipeline
-    from sdrt.runtime.schedulers import scheduler_name_for_config
+    from sdrt.runtime.schedulers import scheduler_name_for_config, steps_phrase
 
     if args.preview and not args.preview.lower().endswith(".gif"):
         raise UserError(f"--preview {args.preview!r}: must be a .gif file")
@@ -45,7 +45,7 @@ def _cmd_generate(args) -> int:
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
-    bar = tqdm(total=None, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet, leave=False)
+    bar = tqdm(total=None, desc="denoise", unit=" UNet evaluations", file=sys.stderr, disable=args.quiet, leave=False)
 
     def on_step(step):
         bar.total = step.total
@@ -76,10 +76,10 @@ def _cmd_generate(args) -> int:
             raise UserError(f"{args.preview}: could not write ({e.strerror or e})") from None
         print(args.preview)
     t = result.timings
-    steps = t["unet_step_ms"]
-    print(f"seed {req.seed}; text encoder {t['text_encoder_ms']:.0f} ms, UNet {sum(steps) / 1e3:.2f} s "
-          f"({len(steps)} steps, {sum(steps) / len(steps):.0f} ms/step), VAE decode {t['vae_decode_ms']:.0f} ms, "
-          f"total {t['total_s']:.2f} s", file=sys.stderr)
+    unet = t["unet_step_ms"]  # one entry per UNet evaluation
+    print(f"seed {req.seed}; {steps_phrase(req.steps, len(unet))}: text encoder {t['text_encoder_ms']:.0f} ms, "
+          f"UNet {sum(unet) / 1e3:.2f} s ({sum(unet) / len(unet):.0f} ms per UNet evaluation), "
+          f"VAE decode {t['vae_decode_ms']:.0f} ms, total {t['total_s']:.2f} s", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine,
         assert g.n_frames >= 3 and g.size == (32, 32)
     a, b = (np.asarray(Image.open(tmp_path / f"x-{i}.png")) for i in range(2))
     assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
-    assert "denoise" in r.stderr and "ms/step" in r.stderr  # progress bar and per-stage times
+    assert "denoise" in r.stderr and "4 steps: " in r.stderr and "ms per UNet evaluation" in r.stderr
 
 
 def test_same_seed_same_image_and_model_scheduler_by_default(sd2_engine, tmp_path):
@@ -156,3 +156,12 @@ def test_img2img_size_options_resize_the_init_image(sd2_engine, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (32, 24)
     assert_one_line_error(run_cli("generate", sd2_engine, "a cat", "--init-image", init, "--height", 26, "-q",
                                   "-o", tmp_path / "p.png"), "height 26", "multiple of 4")
+
+
+@pytest.mark.parametrize("scheduler, evaluations", [("pndm", 4), ("heun", 5), ("euler", None)])
+def test_steps_and_unet_evaluations_are_both_said_where_they_differ(sd1_engine, tmp_path, scheduler, evaluations):
+    r = run_cli("generate", sd1_engine, "x", "--steps", 3, "--scheduler", scheduler, "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    said = f"; 3 steps ({evaluations} UNet evaluations): " if evaluations else "; 3 steps: "
+    assert said in r.stderr and "ms per UNet evaluation" in r.stderr, r.stderr
+    assert "Steps: 3," in read_png_parameters(tmp_path / "o.png")
