@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -54,13 +53,6 @@ def _load_source(ckpt, source: str, allow_pickle: bool):
         return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
     except (OSError, ValueError) as e:  # e.g. only a variant file (model.fp16.safetensors) is present
         raise UserError(f"{ckpt.path / source}: could not load the weights ({str(e).splitlines()[0]})") from None
-
-
-def _config_digest(ckpt) -> str:
-    h = hashlib.sha256()
-    for cfg in (ckpt.model_index, ckpt.text_config, ckpt.unet_config, ckpt.vae_config, ckpt.scheduler_config):
-        h.update(json.dumps(cfg, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def _tool_versions(opset: int) -> dict:
@@ -190,7 +182,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": {"path": str(ckpt.path.resolve()), "pipeline_class": ckpt.model_index.get("_class_name"),
-                       "config_sha256": _config_digest(ckpt)},
+                       "config_sha256": ckpt.config_sha256()},
             "model": numbers, "tokenizer": tok, "components": entries, "tools": _tool_versions(opset),
             "engines": {},
         }

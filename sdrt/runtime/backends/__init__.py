@@ -19,6 +19,7 @@ BACKENDS = {
     "tensorrt": "native TensorRT plans from `sdrt build` through CUDA buffers (needs the gpu extra)",
 }
 DEFAULT_BACKEND = "cpu"
+THREADED_BACKENDS = ("cpu", "ort-cuda", "ort-tensorrt", "openvino")  # those that take threads= (CPU threads)
 
 
 def get_backend(name: str | Backend = DEFAULT_BACKEND, **options) -> Backend:
@@ -55,4 +56,4 @@ def _backend_class(name) -> tuple[type[Backend], tuple]:
     raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-__all__ = ["Backend", "Session", "TensorSpec", "BACKENDS", "DEFAULT_BACKEND", "get_backend"]
+__all__ = ["Backend", "Session", "TensorSpec", "BACKENDS", "DEFAULT_BACKEND", "THREADED_BACKENDS", "get_backend"]
