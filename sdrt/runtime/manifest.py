@@ -11,7 +11,8 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "scaling_factor": float, "shift_factor": float | null,
         "sample_size": int,           # unet sample_size (latent pixels)
         "default_height": int, "default_width": int,   # sample_size * vae_scale_factor
-        "size_multiple": int,         # heights/widths must be multiples of this: vae_scale_factor * 2**(unet downsamples)
+        "size_multiple": int,         # heights/widths must be multiples of this; export writes vae_scale_factor
+                                      # (the UNet graph takes every latent size, as diffusers does)
         "image_channels": int,        # vae in_channels / out_channels
         "text_hidden_size": int, "text_max_length": int,
         "pad_token": str, "pad_token_id": int,
