@@ -24,7 +24,6 @@ from sdrt.errors import UserError
 class SdrtSide:
     def __init__(self, path: str, backend: str, threads: int | None):
         from sdrt.runtime import Pipeline
-
         from sdrt.runtime.backends import THREADED_BACKENDS
 
         opts = {"threads": threads} if threads and backend in THREADED_BACKENDS else {}

@@ -45,7 +45,8 @@ def _cmd_generate(args) -> int:
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
-    bar = tqdm(total=None, desc="denoise", unit=" UNet evaluations", file=sys.stderr, disable=args.quiet, leave=False)
+    bar = tqdm(total=None, desc="denoise", unit=" UNet evaluations", file=sys.stderr, disable=args.quiet,
+               leave=False)
 
     def on_step(step):
         bar.total = step.total
