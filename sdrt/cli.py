@@ -1,6 +1,8 @@
 """`sdrt export | build | generate | bench | serve | demo`.
 
 A user error is one line on stderr naming the bad value and what is allowed, and a non-zero exit; no traceback.
+So is Ctrl-C (exit 130) at any moment, and SIGTERM (exit 143) in the commands that opt in with
+``sdrt._signals.terminate_as_interrupt`` so that their Ctrl-C cleanup runs for it too.
 Heavy imports happen inside each command, so `sdrt generate` works on the torch-free base install.
 """
 
@@ -8,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from sdrt import __version__
-from sdrt.errors import UserError
+from sdrt._signals import terminate_as_interrupt
+from sdrt.errors import SdrtWarning, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+@terminate_as_interrupt
 def _cmd_export(args) -> int:
     from sdrt.export import export_model
 
@@ -36,7 +42,9 @@ def _add_export(sub) -> None:
                        description="Trace text encoder, UNet, VAE decoder and encoder to ONNX, check each against "
                                    "PyTorch (relative L2 <= 1e-4), and write ENGINE_DIR with its manifest sdrt.json. The UNet "
                                    "and VAE also get model.ort.onnx, the form ONNX Runtime's CPU provider runs "
-                                   "fastest, over the same weights file and checked the same way.")
+                                   "fastest, over the same weights file and checked the same way. Written into a hidden "
+                                   "folder beside ENGINE_DIR and renamed into place; a failure, Ctrl-C or SIGTERM "
+                                   "removes it, and the next export removes one a killed export left.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format Stable Diffusion checkpoint folder")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine directory to write")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
@@ -70,17 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(prog: str, show: Callable) -> Callable:
+    """sdrt's own warnings as one line each, ``sdrt generate: warning: ...``; other libraries' as they show them."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SdrtWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
+    prog = "sdrt"
+    try:  # building the parser imports every subcommand's module: Ctrl-C may come that early
+        args = build_parser().parse_args(argv)
+        prog = f"sdrt {args.command}"
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(prog, warnings.showwarning)
+            return int(args.func(args) or 0)
     except UserError as e:
-        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where a command opted in (sdrt._signals)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{prog}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ def run_demo(model: Path, out: Path, steps: int, guidance: float, seed: int, sch
     from sdrt.export import export_model
     from sdrt.runtime import Pipeline
     from sdrt.runtime.images import contact_sheet, format_parameters, save_png
+    from sdrt.runtime.schedulers import steps_phrase
 
     if not (model / "model_index.json").is_file():
         raise UserError(f"demo model {str(model)!r} not found (run from a checkout of sdrt, or pass --model)")
@@ -58,8 +60,9 @@ def run_demo(model: Path, out: Path, steps: int, guidance: float, seed: int, sch
     unet = sum(sum(t["unet_step_ms"]) / len(t["unet_step_ms"]) for t in timings) / len(timings)
     vae = sum(t["vae_decode_ms"] for t in timings) / len(timings)
     total = sum(t["total_s"] for t in timings) / len(timings)
-    print(f"\nper image ({pipe.backend.describe()}): text encoder {te:.1f} ms, UNet {unet:.1f} ms/step x {steps}, "
-          f"VAE decode {vae:.1f} ms, total {total:.2f} s")
+    calls = len(timings[0]["unet_step_ms"])
+    print(f"\nper image ({pipe.backend.describe()}): text encoder {te:.1f} ms, UNet {unet:.1f} ms per evaluation, "
+          f"{steps_phrase(steps, calls)}, VAE decode {vae:.1f} ms, total {total:.2f} s")
     print(f"pictures: {out}/0.png ... {out}/{len(prompts) - 1}.png; contact sheet: {out / 'contact_sheet.png'}")
     checks = _shape_check(prompts, images)
     parity = _diffusers_parity(model, prompts, images, steps, guidance, seed, scheduler)
@@ -111,6 +114,7 @@ def _diffusers_parity(model, prompts, images, steps, guidance, seed, scheduler):
     return psnrs
 
 
+@terminate_as_interrupt
 def _cmd_demo(args) -> int:
     run_demo(Path(args.model), Path(args.out), args.steps, args.guidance, args.seed, args.scheduler,
              progress=not args.quiet)

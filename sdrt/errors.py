@@ -1,7 +1,7 @@
-"""Errors a user can act on.
+"""Errors (and warnings) a user can act on.
 
 A :class:`UserError` carries one line that names the bad value and what is allowed; the CLI prints it to
-stderr without a traceback and exits non-zero.
+stderr without a traceback and exits non-zero. A :class:`SdrtWarning` is one line too.
 """
 
 
@@ -27,3 +27,11 @@ class MissingDependencyError(UserError):
         self.extra = extra
         why = f" ({what})" if what else ""
         super().__init__(f"{module} is not installed{why}: pip install 'sdrt[{extra}]'")
+
+
+class SdrtWarning(UserWarning):
+    """Something the user asked for was done differently, or may not mean what they think; one line.
+
+    Emitted with :func:`warnings.warn`, so library users filter it as any warning; the CLI prints it as
+    ``sdrt COMMAND: warning: ...``.
+    """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,13 @@ def assert_one_line_error(r, *needles):
     assert len(lines) == 1, r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+@contextmanager
+def umask(mask: int):
+    """Run the block (and the processes it starts) under ``mask``."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)

@@ -10,10 +10,12 @@ import json
 import sys
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.bench.runner import Settings, run_bench
 from sdrt.runtime.manifest import write_json_atomic, write_text_atomic
 
 
+@terminate_as_interrupt
 def _cmd_bench(args) -> int:
     from sdrt.bench.report import markdown, plot
 
@@ -22,7 +24,8 @@ def _cmd_bench(args) -> int:
                         prompt=args.prompt, backend=args.backend, reference_device=args.reference_device,
                         threads=args.threads)
     result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet,
-                       outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot})
+                       outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot},
+                       allow_other_reference=args.allow_other_reference)
     table = markdown(result)
     print(table, end="")
     if args.json:
@@ -36,31 +39,41 @@ def _cmd_bench(args) -> int:
 
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS
+    from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
+    d = Settings()
     p = sub.add_parser("bench", help="latency and parity against the PyTorch reference",
                        description="Time sdrt (and, with --reference, diffusers on the same checkpoint, same "
                                    "settings and seed) in separate processes, alternating, after warm-up; "
-                                   "measure parity in the same run.")
+                                   "measure parity in the same run. UNet times are per UNet evaluation: PNDM "
+                                   "makes one more than its steps, Heun almost twice as many.")
     p.add_argument("engine_dir", metavar="ENGINE_DIR")
     p.add_argument("--reference", metavar="MODEL_DIR", default=None,
-                   help="the diffusers checkpoint ENGINE_DIR was exported from (enables ratios and parity)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1, help="images per run")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default=Settings.prompt)
-    p.add_argument("--backend", default="cpu", choices=list(BACKENDS))
-    p.add_argument("--reference-device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
-    p.add_argument("--json", metavar="F", default=None)
-    p.add_argument("--markdown", metavar="F", default=None)
-    p.add_argument("--plot", metavar="F.png", default=None)
-    p.add_argument("-q", "--quiet", action="store_true")
+                   help="the diffusers checkpoint ENGINE_DIR was exported from (enables ratios and parity); "
+                        "another checkpoint is refused (its configs' sha256 differs from the manifest's)")
+    p.add_argument("--allow-other-reference", action="store_true",
+                   help="compare with a --reference that is not ENGINE_DIR's source anyway, after a warning")
+    p.add_argument("--steps", metavar="N", type=int, default=d.steps, help=f"denoising steps (default {d.steps})")
+    p.add_argument("--height", metavar="H", type=int, default=None, help="default: the model's")
+    p.add_argument("--width", metavar="W", type=int, default=None, help="default: the model's")
+    p.add_argument("--batch", metavar="N", type=int, default=d.batch, help=f"images per run (default {d.batch})")
+    p.add_argument("--runs", metavar="N", type=int, default=d.runs, help=f"timed runs per side (default {d.runs})")
+    p.add_argument("--warmup", metavar="N", type=int, default=d.warmup,
+                   help=f"untimed runs per side first (default {d.warmup})")
+    p.add_argument("--guidance", metavar="F", type=float, default=d.guidance, help=f"default {d.guidance}")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
+    p.add_argument("--seed", metavar="S", type=int, default=d.seed, help=f"default {d.seed}")
+    p.add_argument("--prompt", metavar="TEXT", default=d.prompt, help=f"default {d.prompt!r}")
+    p.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help=f"sdrt's side (default {d.backend})")
+    p.add_argument("--reference-device", default=d.reference_device, choices=["cpu", "cuda"],
+                   help=f"diffusers' side (default {d.reference_device})")
+    p.add_argument("--threads", metavar="N", type=int, default=None,
+                   help="CPU threads per side, >= 1 (default: all cores; every backend but tensorrt)")
+    p.add_argument("--json", metavar="F", default=None, help="also write the results as JSON")
+    p.add_argument("--markdown", metavar="F", default=None, help="also write the table printed")
+    p.add_argument("--plot", metavar="F.png", default=None, help="also plot stage times and parity (PNG)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 
 

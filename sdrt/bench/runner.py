@@ -10,13 +10,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sdrt import __version__
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.manifest import Manifest
 
 
@@ -49,7 +50,11 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sdrt.bench.worker", *argv, "--scratch", str(scratch)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.hello = self._read()
+        try:
+            self.hello = self._read()
+        except BaseException:  # a worker that failed to load, or Ctrl-C/SIGTERM while it loads
+            self.close(kill=True)
+            raise
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -68,7 +73,11 @@ class Worker:
             raise UserError(f"bench worker {self.name!r}: {reply['error']}")
         return reply
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Ask the worker to quit (``kill``: end it now, e.g. when interrupted mid-run), then release its pipes."""
+        if self.proc.poll() is None and kill:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
@@ -138,34 +147,68 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def run_bench(engine_dir: str, reference: str | None, settings: Settings, progress: bool = True,
-              outputs: dict | None = None) -> dict:
-    """Run the benchmark; ``outputs`` ({"json", "markdown", "plot"} -> path) are checked before any work."""
-    outputs = outputs or {}
-    manifest = Manifest.load(engine_dir)
-    mn = manifest.model
-    s = settings
-    s.height = s.height or mn.default_height
-    s.width = s.width or mn.default_width
+def _check(manifest: Manifest, settings: Settings, outputs: dict) -> None:
+    """Every setting and output path, before a worker starts."""
+    from sdrt.runtime.schedulers import SCHEDULER_NAMES
+
+    s, mn = settings, manifest.model
     for what, v in (("height", s.height), ("width", s.width)):
         if v <= 0 or v % mn.size_multiple:
             raise UserError(f"--{what} {v}: must be a positive multiple of {mn.size_multiple} for this model")
-    for what, v, lo in (("--runs", s.runs, 1), ("--warmup", s.warmup, 0), ("--steps", s.steps, 1), ("--batch", s.batch, 1)):
+    for what, v, lo in (("--runs", s.runs, 1), ("--warmup", s.warmup, 0), ("--steps", s.steps, 1),
+                        ("--batch", s.batch, 1), ("--threads", 1 if s.threads is None else s.threads, 1)):
         if v < lo:
             raise UserError(f"{what} {v}: must be >= {lo}")
-    for flag, out in (("--json", outputs.get("json")), ("--markdown", outputs.get("markdown")), ("--plot", outputs.get("plot"))):
+    if s.scheduler is not None and s.scheduler not in SCHEDULER_NAMES:
+        raise UserError(f"--scheduler {s.scheduler!r}: choose one of {', '.join(SCHEDULER_NAMES)}")
+    for flag, key in (("--json", "json"), ("--markdown", "markdown"), ("--plot", "plot")):
+        out = outputs.get(key)
         if out and not Path(out).resolve().parent.is_dir():
             raise UserError(f"{flag} {out!r}: the folder {str(Path(out).resolve().parent)!r} does not exist")
-    if reference is not None and not (Path(reference) / "model_index.json").is_file():
+    if outputs.get("plot") and Path(outputs["plot"]).suffix.lower() != ".png":
+        raise UserError(f"--plot {outputs['plot']!r}: the plot is a PNG; name it .png")
+
+
+def check_reference(manifest: Manifest, reference: str, allow_other: bool = False) -> bool:
+    """Whether ``reference`` is the checkpoint the engine was exported from, by the sha256 of its configs that
+    export recorded (``source.config_sha256``). Another checkpoint is refused, or with ``allow_other`` compared
+    after a warning: its ratios and "parity" would compare two different models."""
+    from sdrt.export.checkpoint import Checkpoint
+
+    if not (Path(reference) / "model_index.json").is_file():
         raise UserError(f"--reference {reference!r}: not a diffusers checkpoint (model_index.json missing)")
+    recorded = manifest.data.get("source", {}).get("config_sha256")
+    if recorded and Checkpoint.open(reference, allow_pickle=True).config_sha256() == recorded:
+        return True
+    why = (f"its configs differ from those {manifest.engine_dir} was exported from (sdrt.json source.config_sha256)"
+           if recorded else f"{manifest.engine_dir}'s manifest records no source.config_sha256 to compare")
+    if not allow_other:
+        raise UserError(f"--reference {reference!r}: {why}; re-export from it, or pass --allow-other-reference "
+                        "to compare two different models")
+    warnings.warn(f"--reference {reference!r}: {why}; comparing anyway (--allow-other-reference)", SdrtWarning,
+                  stacklevel=2)
+    return False
+
+
+def run_bench(engine_dir: str, reference: str | None, settings: Settings, progress: bool = True,
+              outputs: dict | None = None, allow_other_reference: bool = False) -> dict:
+    """Run the benchmark; settings, ``outputs`` ({"json", "markdown", "plot"} -> path) and the reference are
+    checked before any work (``allow_other_reference``: see :func:`check_reference`)."""
+    outputs = outputs or {}
+    manifest = Manifest.load(engine_dir)
+    s = settings
+    s.height = s.height or manifest.model.default_height
+    s.width = s.width or manifest.model.default_width
+    _check(manifest, s, outputs)
+    same_model = check_reference(manifest, reference, allow_other_reference) if reference is not None else None
     gen = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.steps, "guidance": s.guidance,
            "seed": s.seed, "scheduler": s.scheduler, "height": s.height, "width": s.width, "batch": s.batch}
-    scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     workers: dict[str, Worker] = {}
     from tqdm import tqdm
 
     total = 2 + (s.warmup + s.runs) * (2 if reference else 1) + (3 if reference else 0)
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
+    scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     try:
         threads = ["--threads", str(s.threads)] if s.threads else []
         bar.set_postfix_str("loading sdrt")
@@ -224,6 +267,7 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
             runs.append({
                 "name": name, "backend": w.hello["backend"], "load_s": w.hello["load_s"],
                 "images_per_s": s.batch / e2e["p50"], "peak_rss_mb": stats["peak_rss_mb"],
+                "unet_calls": len(ts[0]["unet_step_ms"]),  # per image: more than the steps for pndm and heun
                 "gpu_peak_mb": stats["gpu_peak_mb"],
                 "text_encoder_ms": percentiles([t["text_encoder_ms"] for t in ts]),
                 "unet_step_ms": percentiles([x for t in ts for x in t["unet_step_ms"]]),
@@ -238,9 +282,14 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
                      "text_encoder": a["text_encoder_ms"]["p50"] / b["text_encoder_ms"]["p50"],
                      "vae_decode": a["vae_decode_ms"]["p50"] / b["vae_decode_ms"]["p50"]}
         settings_out = asdict(s)
-        settings_out.update(engine_dir=str(engine_dir), reference=reference)
+        settings_out.update(engine_dir=str(engine_dir), reference=reference, reference_is_source=same_model)
         return {"environment": _environment(s.threads), "settings": settings_out, "runs": runs, "ratio": ratio,
                 "parity": parity}
+    except BaseException:
+        # failed, Ctrl-C or SIGTERM: a worker may be mid-run for minutes; end it before removing its folder
+        for w in workers.values():
+            w.close(kill=True)
+        raise
     finally:
         bar.close()
         for w in workers.values():

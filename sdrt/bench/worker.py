@@ -18,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.errors import UserError
+
 
 class SdrtSide:
     def __init__(self, path: str, backend: str, threads: int | None):
         from sdrt.runtime import Pipeline
+        from sdrt.runtime.backends import THREADED_BACKENDS
 
-        opts = {"threads": threads} if threads and backend == "cpu" else {}
+        opts = {"threads": threads} if threads and backend in THREADED_BACKENDS else {}
         self.pipe = Pipeline(path, backend=backend, backend_options=opts)
         self.backend = self.pipe.backend.describe()
 
@@ -152,31 +155,38 @@ def serve(side, scratch: Path) -> None:
     sys.stdout = sys.stderr  # anything else a library prints must not corrupt the protocol
     for line in sys.stdin:
         msg = json.loads(line)
-        cmd = msg["cmd"]
-        if cmd == "quit":
+        if msg["cmd"] == "quit":
             break
-        if cmd == "generate":
-            r = side.generate(msg["settings"], msg.get("record", False))
-            reply = {"timings": r["timings"]}
-            for key in ("image", "latents"):
-                if r[key] is not None:
-                    path = scratch / f"{msg['tag']}-{key}.npy"
-                    np.save(path, r[key])
-                    reply[key] = str(path)
-        elif cmd == "component":
-            inputs = {k: np.load(v) for k, v in msg["inputs"].items()}
-            outputs = side.component(msg["name"], inputs)
-            reply = {"outputs": {}}
-            for k, v in outputs.items():
-                path = scratch / f"{msg['tag']}-{msg['name']}-{k}.npy"
-                np.save(path, v)
-                reply["outputs"][k] = str(path)
-        elif cmd == "stats":
-            reply = {"peak_rss_mb": peak_rss_mb(), "gpu_peak_mb": side.gpu_peak_mb()}
-        else:
-            reply = {"error": f"unknown command {cmd!r}"}
+        try:
+            reply = _answer(side, msg, scratch)
+        except UserError as e:  # a bad setting: the message, not a traceback, goes back to `sdrt bench`
+            reply = {"error": str(e)}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+def _answer(side, msg: dict, scratch: Path) -> dict:
+    cmd = msg["cmd"]
+    if cmd == "generate":
+        r = side.generate(msg["settings"], msg.get("record", False))
+        reply = {"timings": r["timings"]}
+        for key in ("image", "latents"):
+            if r[key] is not None:
+                path = scratch / f"{msg['tag']}-{key}.npy"
+                np.save(path, r[key])
+                reply[key] = str(path)
+        return reply
+    if cmd == "component":
+        inputs = {k: np.load(v) for k, v in msg["inputs"].items()}
+        reply = {"outputs": {}}
+        for k, v in side.component(msg["name"], inputs).items():
+            path = scratch / f"{msg['tag']}-{msg['name']}-{k}.npy"
+            np.save(path, v)
+            reply["outputs"][k] = str(path)
+        return reply
+    if cmd == "stats":
+        return {"peak_rss_mb": peak_rss_mb(), "gpu_peak_mb": side.gpu_peak_mb()}
+    return {"error": f"unknown command {cmd!r}"}
 
 
 def main(argv=None) -> int:
@@ -189,10 +199,14 @@ def main(argv=None) -> int:
     ap.add_argument("--scratch", required=True)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    if args.side == "sdrt":
-        side = SdrtSide(args.path, args.backend, args.threads)
-    else:
-        side = DiffusersSide(args.path, args.device, args.threads)
+    try:
+        if args.side == "sdrt":
+            side = SdrtSide(args.path, args.backend, args.threads)
+        else:
+            side = DiffusersSide(args.path, args.device, args.threads)
+    except UserError as e:  # its last stderr line is what `sdrt bench` shows: the message, not the class name
+        print(e, file=sys.stderr)
+        return e.exit_code
     hello = {"ready": True, "load_s": time.perf_counter() - t0, "backend": side.backend}
     sys.stdout.write(json.dumps(hello) + "\n")
     sys.stdout.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.engines.profiles import parse_range
 
 
@@ -30,6 +31,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the fp16-vs-fp32 parity check (and so the fp32 fallback)")
 
 
+@terminate_as_interrupt
 def run_build(args: argparse.Namespace) -> int:
     """Parse ranges, build, print one line per component. UserErrors propagate to the CLI."""
     from sdrt.engines.build import build_engines

@@ -12,9 +12,9 @@ component's input shapes follow from the manifest's symbolic dims and model numb
 * Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
   and 2N (guided).
 
-Sizes must be multiples of ``size_multiple``: the manifest's ``model.size_multiple`` when export recorded
-it, else vae_scale_factor * 8 (the VAE's downsampling times the UNet's three 2x downsamplings of SD1/SD2;
-conservative for smaller UNets).
+Sizes must be multiples of the manifest's ``model.size_multiple``. Export records the VAE scale factor there
+(8 for SD1.5), as diffusers asks: the UNet is traced to take every latent size (sdrt.export.exporter._shapes),
+so only the VAE's own downsampling constrains the image size.
 """
 
 from __future__ import annotations
@@ -81,10 +81,8 @@ def as_range(value: Range | tuple[int, int, int] | int | str, what: str) -> Rang
 
 
 def size_multiple(model: Mapping[str, Any]) -> int:
-    """What heights and widths must be multiples of (see the module docstring)."""
-    if model.get("size_multiple"):
-        return int(model["size_multiple"])
-    return int(model["vae_scale_factor"]) * 8
+    """What heights and widths must be multiples of (see the module docstring; Manifest.load requires the key)."""
+    return int(model["size_multiple"])
 
 
 def default_size_range(default: int, multiple: int) -> Range:
@@ -97,9 +95,9 @@ def default_size_range(default: int, multiple: int) -> Range:
 def check_size_range(r: Range, what: str, multiple: int, vae_scale_factor: int) -> None:
     bad = [v for v in (r.min, r.opt, r.max) if v % multiple]
     if bad:
-        raise UserError(
-            f"--{what} {r}: {bad[0]} is not a multiple of {multiple} "
-            f"(vae_scale_factor {vae_scale_factor} x the UNet's downsampling)")
+        why = (f"the VAE scale factor: one latent per {multiple}x{multiple} pixels" if multiple == vae_scale_factor
+               else "the manifest's model.size_multiple")
+        raise UserError(f"--{what} {r}: {bad[0]} is not a multiple of {multiple} ({why})")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ work starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,14 @@ class Checkpoint:
             raise UserError(f"{self.path}/unet: class-conditioned UNets (upscalers, unCLIP) are not supported yet")
         if not isinstance(u.get("sample_size", 64), int):
             raise UserError(f"{self.path}/unet: non-square sample_size {u.get('sample_size')!r} is not supported yet")
+
+    def config_sha256(self) -> str:
+        """sha256 over the configs (pipeline index, text encoder, UNet, VAE, scheduler): the manifest records it as
+        ``source.config_sha256``, and `sdrt bench --reference` compares it to tell the source checkpoint."""
+        h = hashlib.sha256()
+        for cfg in (self.model_index, self.text_config, self.unet_config, self.vae_config, self.scheduler_config):
+            h.update(json.dumps(cfg, sort_keys=True).encode())
+        return h.hexdigest()
 
     @property
     def latent_size_multiple(self) -> int:

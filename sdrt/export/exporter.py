@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import hashlib
+import glob
 import json
 import os
 import shutil
@@ -53,13 +53,6 @@ def _load_source(ckpt, source: str, allow_pickle: bool):
         return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
     except (OSError, ValueError) as e:  # e.g. only a variant file (model.fp16.safetensors) is present
         raise UserError(f"{ckpt.path / source}: could not load the weights ({str(e).splitlines()[0]})") from None
-
-
-def _config_digest(ckpt) -> str:
-    h = hashlib.sha256()
-    for cfg in (ckpt.model_index, ckpt.text_config, ckpt.unet_config, ckpt.vae_config, ckpt.scheduler_config):
-        h.update(json.dumps(cfg, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def _tool_versions(opset: int) -> dict:
@@ -127,6 +120,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     from sdrt.export.tokenizer import export_tokenizer
 
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(engine_dir, log)
     tmp = engine_dir.with_name(f".{engine_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -188,7 +182,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": {"path": str(ckpt.path.resolve()), "pipeline_class": ckpt.model_index.get("_class_name"),
-                       "config_sha256": _config_digest(ckpt)},
+                       "config_sha256": ckpt.config_sha256()},
             "model": numbers, "tokenizer": tok, "components": entries, "tools": _tool_versions(opset),
             "engines": {},
         }
@@ -256,6 +250,28 @@ def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, 
     files = [graph] + ([graph.parent / data_file] if data_file else [])
     digest, size = sha256_files(files)
     return {"file": f"{comp}/{graph.name}", "sha256": digest, "size_bytes": size, **what, "parity": parity}
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(engine_dir: Path, log: Callable[[str], None]) -> None:
+    """Remove what exports into ``engine_dir`` left when they were killed outright (SIGKILL, a crash, power):
+    ``.NAME.tmp-PID`` and, when ``engine_dir`` itself is in place, ``.NAME.old-PID``. The PID says whose: a
+    folder whose process still runs (a concurrent export) is left alone."""
+    for path in engine_dir.parent.glob(f".{glob.escape(engine_dir.name)}.*-*"):
+        kind, _, pid = path.name[len(engine_dir.name) + 2:].partition("-")
+        if (kind == "tmp" or (kind == "old" and engine_dir.is_dir())) and pid.isdigit() and path.is_dir() \
+                and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an export (process {pid}) that was killed")
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from sdrt._signals import terminate_as_interrupt
 from sdrt.errors import UserError
 
 
@@ -19,36 +20,33 @@ def _out_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
+@terminate_as_interrupt
 def _cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from sdrt.runtime.images import format_parameters, load_init_image, save_gif, save_png
+    from sdrt.runtime.images import format_parameters, save_gif, save_png
     from sdrt.runtime.pipeline import Pipeline
-    from sdrt.runtime.schedulers import scheduler_name_for_config
+    from sdrt.runtime.schedulers import scheduler_name_for_config, steps_phrase
 
     if args.preview and not args.preview.lower().endswith(".gif"):
         raise UserError(f"--preview {args.preview!r}: must be a .gif file")
+    if args.strength is not None and not args.init_image:
+        raise UserError(f"--strength {args.strength:g}: only img2img uses it; give --init-image too, or leave it out")
     _out_paths(args.output, 1)  # refuse a bad -o before loading anything
     for target in filter(None, (args.output, args.preview)):
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
     pipe = Pipeline(args.engine_dir, backend=args.backend)
-    init, height, width = None, args.height, args.width
-    if args.init_image:
-        # --height/--width resize the init image; the image then defines the size
-        for what, v in (("height", height), ("width", width)):
-            if v is not None and (v <= 0 or v % pipe.model.size_multiple):
-                raise UserError(f"{what} {v}: must be a positive multiple of {pipe.model.size_multiple} for this model")
-        init = load_init_image(args.init_image, pipe.model.vae_scale_factor, height, width)
-        height = width = None
+    # with --init-image, --height/--width resize the image (as load_init_image does), which then sets the size
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, scheduler=args.scheduler, height=height, width=width,
-                       num_images=args.num_images, init_image=init, strength=args.strength)
+                       seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
+                       num_images=args.num_images, init_image=args.init_image, strength=args.strength)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
-    bar = tqdm(total=None, desc="denoise", unit="step", file=sys.stderr, disable=args.quiet, leave=False)
+    bar = tqdm(total=None, desc="denoise", unit=" UNet evaluations", file=sys.stderr, disable=args.quiet,
+               leave=False)
 
     def on_step(step):
         bar.total = step.total
@@ -64,7 +62,7 @@ def _cmd_generate(args) -> int:
             prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=req.steps, scheduler=scheduler,
             guidance=req.guidance, seed=req.seed, height=req.height, width=req.width,
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
-            strength=req.strength if init is not None else None,
+            strength=req.strength if req.init_image is not None else None,
             extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
         try:
             save_png(image, path, params)
@@ -79,10 +77,10 @@ def _cmd_generate(args) -> int:
             raise UserError(f"{args.preview}: could not write ({e.strerror or e})") from None
         print(args.preview)
     t = result.timings
-    steps = t["unet_step_ms"]
-    print(f"seed {req.seed}; text encoder {t['text_encoder_ms']:.0f} ms, UNet {sum(steps) / 1e3:.2f} s "
-          f"({len(steps)} steps, {sum(steps) / len(steps):.0f} ms/step), VAE decode {t['vae_decode_ms']:.0f} ms, "
-          f"total {t['total_s']:.2f} s", file=sys.stderr)
+    unet = t["unet_step_ms"]  # one entry per UNet evaluation
+    print(f"seed {req.seed}; {steps_phrase(req.steps, len(unet))}: text encoder {t['text_encoder_ms']:.0f} ms, "
+          f"UNet {sum(unet) / 1e3:.2f} s ({sum(unet) / len(unet):.0f} ms per UNet evaluation), "
+          f"VAE decode {t['vae_decode_ms']:.0f} ms, total {t['total_s']:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -107,7 +105,8 @@ def add_generate(sub) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, metavar="N")
     p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much to change the image, in (0, 1] (default 0.8)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")

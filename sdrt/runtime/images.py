@@ -5,7 +5,7 @@ The numbers follow diffusers exactly - ``VaeImageProcessor.postprocess`` + ``num
 compared with a diffusers image pixel for pixel. PNGs carry the generation settings in a ``parameters``
 text chunk laid out as AUTOMATIC1111 writes it, because that is what image viewers, galleries and "PNG info"
 tools already read. Every file is written beside its target and renamed into place, so a crash or a
-concurrent reader never sees half an image.
+concurrent reader never sees half an image, with the mode ``open`` would give it (sdrt.runtime.files).
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
+from sdrt.runtime.files import atomic_path
 
 # A1111's sampler names (and schedule type) for sdrt's --scheduler names and the diffusers classes a model
 # may default to, so galleries that parse the infotext recognise the sampler.
@@ -58,7 +57,8 @@ def decode_to_uint8(sample: np.ndarray) -> np.ndarray:
 def _open_init_image(source: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
     """The picture as RGB with its EXIF orientation applied (``diffusers.utils.load_image``), and a name for errors."""
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB"), "init image"
+        name = f"init image ({source.width}x{source.height} {source.mode} PIL image)"
+        return ImageOps.exif_transpose(source).convert("RGB"), name
     if isinstance(source, (bytes, bytearray)):
         name, opener = "init image", lambda: Image.open(io.BytesIO(source))
     else:
@@ -81,19 +81,21 @@ def load_init_image(
 
     ``source`` is a path, the bytes of an image file, or a PIL image. ``diffusers.utils.load_image`` (EXIF
     orientation applied, converted to RGB), then ``VaeImageProcessor.preprocess``: height/width default to the
-    image's, both rounded *down* to a multiple of ``vae_scale_factor`` (the VAE cannot encode other sizes),
-    Lanczos resize, ``/255``, ``*2 - 1``.
+    image's, both rounded *down* to a multiple of ``vae_scale_factor`` (the VAE cannot encode other sizes;
+    a SdrtWarning says so), Lanczos resize, ``/255``, ``*2 - 1``.
     """
     image, name = _open_init_image(source)
 
-    height = image.height if height is None else int(height)
-    width = image.width if width is None else int(width)
-    height, width = height - height % vae_scale_factor, width - width % vae_scale_factor
+    asked = (image.height if height is None else int(height), image.width if width is None else int(width))
+    height, width = (v - v % vae_scale_factor for v in asked)
     if height <= 0 or width <= 0:
         raise UserError(
             f"{name} is {image.width}x{image.height}: height and width must be at least "
             f"the VAE scale factor {vae_scale_factor}"
         )
+    if (height, width) != asked:
+        warnings.warn(f"{name}: {asked[1]}x{asked[0]} is not a multiple of the VAE scale factor {vae_scale_factor}; "
+                      f"resized to {width}x{height}, as diffusers does", SdrtWarning, stacklevel=2)
     # PIL returns a copy when the size is unchanged, exactly as diffusers' unconditional resize does.
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
     pixels = np.asarray(image).astype(np.float32) / 255.0
@@ -154,21 +156,6 @@ def format_parameters(
     return f"{prompt}{negative}\n{settings}".strip()
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path``, renamed onto it when the block succeeds and removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _as_pil(image: np.ndarray) -> Image.Image:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
@@ -186,7 +173,7 @@ def save_png(image: np.ndarray, path: str | Path, parameters: str | None = None)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         _as_pil(image).save(tmp, format="PNG", pnginfo=info)
     return path
 
@@ -215,7 +202,7 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, duration_ms: int = 
     if len({p.size for p in pils}) != 1:
         raise ValueError(f"GIF frames differ in size: {sorted({p.size for p in pils})}")
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         pils[0].save(tmp, format="GIF", save_all=True, append_images=pils[1:], duration=int(duration_ms), loop=0)
     return path
 

@@ -11,7 +11,8 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "scaling_factor": float, "shift_factor": float | null,
         "sample_size": int,           # unet sample_size (latent pixels)
         "default_height": int, "default_width": int,   # sample_size * vae_scale_factor
-        "size_multiple": int,         # heights/widths must be multiples of this: vae_scale_factor * 2**(unet downsamples)
+        "size_multiple": int,         # heights/widths must be multiples of this; export writes vae_scale_factor
+                                      # (the UNet graph takes every latent size, as diffusers does)
         "image_channels": int,        # vae in_channels / out_channels
         "text_hidden_size": int, "text_max_length": int,
         "pad_token": str, "pad_token_id": int,
@@ -41,12 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import UserError
+from sdrt.runtime.files import write_text_atomic
 
 MANIFEST_NAME = "sdrt.json"
 FORMAT = "sdrt-engine"
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+VERIFY = ("none", "size", "sha256")  # how Manifest.load checks the files: not at all, sizes, full hashes
 MODEL_KEYS = (
     "latent_channels", "vae_scale_factor", "scaling_factor", "shift_factor", "sample_size",
     "default_height", "default_width", "size_multiple", "image_channels", "text_hidden_size", "text_max_length",
@@ -112,7 +115,13 @@ class Manifest:
 
         ``verify``: "none", "size" (files present with the recorded sizes; cheap) or "sha256" (full hash).
         """
+        if not isinstance(engine_dir, (str, os.PathLike)):
+            raise UserError(f"engine directory {engine_dir!r}: must be a path (str or os.PathLike)")
+        if verify not in VERIFY:
+            raise UserError(f"verify {verify!r}: choose one of {', '.join(VERIFY)}")
         engine_dir = Path(engine_dir)
+        if engine_dir.exists() and not engine_dir.is_dir():
+            raise UserError(f"engine directory {str(engine_dir)!r} is a file; give the folder `sdrt export` wrote")
         if not engine_dir.is_dir():
             raise UserError(f"engine directory {str(engine_dir)!r} does not exist; make one with `sdrt export`")
         path = engine_dir / MANIFEST_NAME
@@ -189,31 +198,5 @@ class Manifest:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON beside the target (a unique temporary file, synced) and rename it into place."""
+    """Write JSON beside the target (a temporary file with the usual mode, synced) and rename it into place."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text beside the target (a unique temporary file, synced) and rename it into place."""
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file owner-only; give it the mode a plain open() would (or the replaced file's)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -7,14 +7,16 @@ guidance arithmetic. One Pipeline serves many threads at once: per-call state li
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,6 +26,9 @@ from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
 from sdrt.runtime.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -134,6 +139,44 @@ class Denoising:
         return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
 
 
+def _shown(value) -> str:
+    """A value as a one-line error shows it: its repr on one line, cut short (an array by dtype and shape)."""
+    if isinstance(value, np.ndarray):
+        return f"<{value.dtype} array of shape {list(value.shape)}>"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _texts(what: str, value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(f"{what} {_shown(value)}: must be a string or a non-empty list of strings")
+
+
+def _integer(what: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
+            or (high is not None and value > high)):
+        raise UserError(f"{what} {_shown(value)}: must be an integer {allowed or f'>= {low}'}")
+    return int(value)
+
+
+def _number(what: str, value, ok: Callable[[float], bool], allowed: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not np.isfinite(value) or not ok(float(value))):
+        raise UserError(f"{what} {_shown(value)}: must be {allowed}")
+    return float(value)
+
+
+def _is_image_source(value) -> bool:
+    """A path or a PIL image (PIL is imported only if the caller already did: it made the image)."""
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
 def _check_finite(stage: str, array: np.ndarray, detail: str = "") -> None:
     if not np.isfinite(array).all():
         raise StageError(f"{stage} produced NaN or inf{detail}; the engine or its precision is broken for these inputs")
@@ -145,6 +188,8 @@ class Pipeline:
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
                  backend_options: dict | None = None, load_encoder: bool = False):
         """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call."""
+        if backend_options is not None and not isinstance(backend_options, dict):
+            raise UserError(f"backend_options {_shown(backend_options)}: must be a dict of the backend's options")
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
@@ -172,62 +217,70 @@ class Pipeline:
     def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = None,
                 scheduler: str | None = None, height: int | None = None, width: int | None = None,
-                num_images: int = 1, init_image: np.ndarray | None = None,
-                strength: float = DEFAULT_STRENGTH) -> Request:
-        """Check every setting against the model; defaults as in diffusers."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError("prompt must be a string or a non-empty list of strings")
+                num_images: int = 1, init_image: str | os.PathLike | np.ndarray | Image.Image | None = None,
+                strength: float | None = None) -> Request:
+        """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
+
+        ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
+        prepares it (``height``/``width`` resize it), or that function's result, a float ``[1, C, H, W]`` array
+        in [-1, 1] (``height``/``width`` must then match it). ``strength``: img2img only, default 0.8.
+        """
+        prompts = _texts("prompt", prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
         else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise UserError(f"steps {steps!r}: must be an integer >= 1")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise UserError(f"guidance {guidance!r}: must be a number >= 0")
-        if not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise UserError(f"number of images {num_images!r}: must be an integer >= 1")
-        if seed is None:
-            seed = secrets.randbits(63)
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise UserError(f"seed {seed!r}: must be an integer in [0, 2**64)")
-        name = scheduler
+            negatives = _texts("negative_prompt", negative_prompt)
+            if isinstance(negative_prompt, str):
+                negatives *= len(prompts)
+            elif len(negatives) != len(prompts):
+                raise UserError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts; give one per prompt")
+        steps = _integer("steps", steps, 1)
+        guidance = _number("guidance", guidance, lambda g: g >= 0, "a number >= 0")
+        num_images = _integer("num_images", num_images, 1)
+        seed = secrets.randbits(63) if seed is None else _integer("seed", seed, 0, MAX_SEED, "in [0, 2**64)")
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise UserError(f"scheduler {_shown(scheduler)}: must be a scheduler's name or None (the model's own)")
         m = self.model
-        if init_image is not None:
+        height = None if height is None else self._size("height", height)
+        width = None if width is None else self._size("width", width)
+        if init_image is None:
+            if strength is not None:
+                raise UserError(f"strength {_shown(strength)}: only img2img uses it; give init_image, or leave it out")
+            strength = 1.0
+            height = m.default_height if height is None else height
+            width = m.default_width if width is None else width
+        else:
+            if _is_image_source(init_image):
+                from sdrt.runtime.images import load_init_image
+
+                init_image = load_init_image(init_image, m.vae_scale_factor, height, width)
+            strength = _number("strength", DEFAULT_STRENGTH if strength is None else strength,
+                               lambda v: 0 < v <= 1, "in (0, 1]")
             shape = getattr(init_image, "shape", None)
             if (not isinstance(init_image, np.ndarray) or init_image.ndim != 4 or shape[0] != 1
                     or shape[1] != m.image_channels or init_image.dtype.kind != "f"):
                 raise UserError(
-                    f"init image of shape {shape} and dtype {getattr(init_image, 'dtype', None)}: expected float "
-                    f"[1, {m.image_channels}, H, W] in [-1, 1] (sdrt.runtime.images.load_init_image makes one)")
-            if not 0 < strength <= 1:
-                raise UserError(f"strength {strength!r}: must be in (0, 1]")
-            img_h, img_w = init_image.shape[-2:]
-            height = img_h if height is None else height
-            width = img_w if width is None else width
-            if (height, width) != (img_h, img_w):
+                    f"init_image {_shown(init_image)}: expected a path, a PIL image or a float "
+                    f"[1, {m.image_channels}, H, W] array in [-1, 1] (sdrt.runtime.images.load_init_image makes one)")
+            img_h, img_w = self._size("height", int(shape[2])), self._size("width", int(shape[3]))
+            if (height or img_h, width or img_w) != (img_h, img_w):
                 raise UserError(
-                    f"init image is {img_w}x{img_h} but {width}x{height} was asked; resize it when loading")
-        else:
-            strength = 1.0
-            height = m.default_height if height is None else height
-            width = m.default_width if width is None else width
-        for what, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % m.size_multiple:
-                raise UserError(
-                    f"{what} {v!r}: must be a positive multiple of {m.size_multiple} for this model "
-                    f"(its VAE scale factor)")
+                    f"init image is {img_w}x{img_h} but {width or img_w}x{height or img_h} was asked; resize it when "
+                    "loading (give init_image as a path or PIL image and height/width resize it)")
+            height, width = img_h, img_w
         # validates the name (or the config's own class) and the step count
-        sched = make_scheduler(name, self.scheduler_config, int(steps))
+        sched = make_scheduler(scheduler, self.scheduler_config, steps)
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
-        return Request(prompts, negatives, int(steps), float(guidance), int(seed), name or "", int(height),
-                       int(width), int(num_images), init_image, float(strength), sched)
+        return Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
+                       init_image, strength, sched)
+
+    def _size(self, what: str, value) -> int:
+        multiple = self.model.size_multiple
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+            raise UserError(f"{what} {_shown(value)}: must be a positive multiple of {multiple} for this model "
+                            "(its VAE scale factor)")
+        return int(value)
 
     # ---- stages ---------------------------------------------------------------------------------------
     def text_inputs(self, req: Request) -> list[str]:
@@ -324,6 +377,11 @@ class Pipeline:
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  callback: Callable[[Step], None] | None = None, **settings) -> Result:
         """Generate images; ``settings`` as :meth:`request`. ``callback`` sees every Step."""
+        if callback is not None and not callable(callback):
+            raise UserError(f"callback {_shown(callback)}: must be a function that takes a Step, or None")
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise UserError(f"unknown setting {unknown[0]!r}; the settings are: {', '.join(SETTINGS)}")
         req = self.request(prompt, negative_prompt, **settings)
         return self.run(req, callback=callback)
 
@@ -346,3 +404,6 @@ class Pipeline:
             s.close()
         self.sessions.clear()
 
+
+# Pipeline.generate's settings: request()'s keyword-only parameters
+SETTINGS = tuple(n for n, p in inspect.signature(Pipeline.request).parameters.items() if p.kind is p.KEYWORD_ONLY)

@@ -31,10 +31,9 @@ def test_parse_range_errors_name_the_option(text, needle):
     assert needle in str(e.value)
 
 
-def test_size_multiple_defaults_to_vae_factor_times_8_and_honours_manifest():
+def test_size_multiple_is_the_manifests():
     assert size_multiple(MODEL) == 16
     assert size_multiple(dict(MODEL, size_multiple=4)) == 4
-    assert size_multiple({"vae_scale_factor": 8}) == 64
 
 
 def test_default_size_range_sd15():
@@ -43,8 +42,14 @@ def test_default_size_range_sd15():
 
 
 def test_sizes_off_grid_are_refused():
-    with pytest.raises(UserError, match="--height .*72 is not a multiple of 16"):
+    with pytest.raises(UserError, match=r"--height .*72 is not a multiple of 16 \(the manifest's model\.size_mult"):
         make_request(MODEL, height="32:72:128")
+    # what export writes: the VAE scale factor (SD1.5: 8), not a UNet downsampling on top of it
+    sd15 = dict(MODEL, vae_scale_factor=8, size_multiple=8, default_height=512, default_width=512)
+    with pytest.raises(UserError) as info:
+        make_request(sd15, height="30")
+    assert str(info.value) == ("--height 30:30:30: 30 is not a multiple of 8 "
+                               "(the VAE scale factor: one latent per 8x8 pixels)")
 
 
 def test_unet_batch_doubled_for_guidance_and_latents_scaled():

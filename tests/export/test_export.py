@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -152,21 +153,46 @@ def test_pickle_weights_need_the_explicit_flag(sd1_model, tmp_path):
     assert manifest(tmp_path / "e")["components"]["vae_decoder"]["parity"]["rel_l2"] <= 1e-4
 
 
-def test_export_killed_midway_leaves_no_engine_dir(sd1_model, tmp_path):
-    target = tmp_path / "engine"
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "export", str(sd1_model), str(target), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start_export_and_wait_for_its_temporary(model: Path, target: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "export", str(model), str(target), "-q"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    # kill as soon as the first graph is being written
-    while time.time() < deadline and proc.poll() is None:
-        tmps = [p for p in tmp_path.iterdir() if p.name.startswith(".engine.tmp")]
+    while time.time() < deadline and proc.poll() is None:  # until the first graph is being written
+        tmps = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp")]
         if tmps and any((tmps[0] / c).exists() for c in ("text_encoder", "unet")):
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "export finished before it could be killed"
+    assert proc.poll() is None, "export finished before it could be stopped"
+    return proc
+
+
+def test_export_stopped_with_sigterm_leaves_nothing(sd1_model, tmp_path):
+    """`timeout` and service managers stop with SIGTERM: cleaned up as Ctrl-C is, one line, exit 128+15."""
+    target = tmp_path / "engine"
+    proc = _start_export_and_wait_for_its_temporary(sd1_model, target)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "sdrt export: terminated" and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_killed_midway_leaves_no_engine_dir_and_a_later_export_removes_its_temporary(sd1_model, tmp_path):
+    target = tmp_path / "engine"
+    proc = _start_export_and_wait_for_its_temporary(sd1_model, target)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not target.exists()
+    assert not target.exists()  # the half-written engine never stands at ENGINE_DIR
+    killed = tmp_path / f".engine.tmp-{proc.pid}"
+    assert killed.is_dir()  # SIGKILL cannot be handled: the debris stays, until the next export
+    running = tmp_path / f".engine.tmp-{os.getpid()}"  # a process that still runs: another export's, kept
+    running.mkdir()
+    other = tmp_path / f".engine2.tmp-{proc.pid}"  # another engine directory's, kept
+    other.mkdir()
+    r = run_cli("export", sd1_model, target, "-q", "--components", "text_encoder")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {killed}" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["engine", running.name, other.name])
 
 
 def test_parity_gate_names_the_component(tmp_path):

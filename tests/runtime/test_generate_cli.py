@@ -10,17 +10,20 @@ import pytest
 from PIL import Image
 
 from sdrt.runtime.images import read_png_parameters
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, run_cli, umask
 
 
 def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine, tmp_path):
     out = tmp_path / "x.png"
     gif = tmp_path / "p.gif"
-    r = run_cli("generate", sd1_engine, "a red circle", "-o", out, "--num-images", 2, "--steps", 4, "--seed", 42,
-                "--scheduler", "euler_a", "--negative-prompt", "blurry", "--preview", gif)
+    with umask(0o022):
+        r = run_cli("generate", sd1_engine, "a red circle", "-o", out, "--num-images", 2, "--steps", 4,
+                    "--seed", 42, "--scheduler", "euler_a", "--negative-prompt", "blurry", "--preview", gif)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["p.gif", "x-0.png", "x-1.png"]
+    # the umask's mode, as any other program's output: a web server or another user can read them
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in files} == dict.fromkeys(files, 0o644)
     params = read_png_parameters(tmp_path / "x-0.png")
     assert params.startswith("a red circle\nNegative prompt: blurry\n")
     assert "Steps: 4" in params and "Seed: 42" in params and "Euler a" in params and "Size: 32x32" in params
@@ -28,7 +31,7 @@ def test_generate_writes_numbered_pngs_with_parameters_and_a_preview(sd1_engine,
         assert g.n_frames >= 3 and g.size == (32, 32)
     a, b = (np.asarray(Image.open(tmp_path / f"x-{i}.png")) for i in range(2))
     assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
-    assert "denoise" in r.stderr and "ms/step" in r.stderr  # progress bar and per-stage times
+    assert "denoise" in r.stderr and "4 steps: " in r.stderr and "ms per UNet evaluation" in r.stderr
 
 
 def test_same_seed_same_image_and_model_scheduler_by_default(sd2_engine, tmp_path):
@@ -48,13 +51,32 @@ def test_img2img_from_the_command_line(sd1_engine, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "o.png").size == (48, 40)
     assert "Denoising strength: 0.5" in read_png_parameters(tmp_path / "o.png")
+    assert "warning" not in r.stderr
+    # the default strength, as --help says
+    r = run_cli("generate", sd1_engine, "a cat", "--init-image", init, "--steps", 4, "-o", tmp_path / "d.png", "-q")
+    from sdrt.runtime.pipeline import DEFAULT_STRENGTH
+
+    assert f"Denoising strength: {DEFAULT_STRENGTH}" in read_png_parameters(tmp_path / "d.png")
+    assert f"(default {DEFAULT_STRENGTH})" in " ".join(run_cli("generate", "--help").stdout.split())
+
+
+def test_an_init_image_off_the_size_grid_is_resized_with_a_one_line_warning(sd1_engine, tmp_path):
+    init = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((41, 49, 3), np.uint8)).save(init)
+    r = run_cli("generate", sd1_engine, "a cat", "--init-image", init, "--steps", 2, "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "o.png").size == (48, 40)
+    warning = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warning == [f"sdrt generate: warning: init image {init}: 49x41 is not a multiple of the VAE scale "
+                       "factor 2; resized to 48x40, as diffusers does"]
 
 
 @pytest.mark.parametrize("args, needles", [
     (["--height", "33"], ["height 33", "multiple of 2"]),
     (["--steps", "0"], ["steps 0"]),
     (["--guidance", "-2"], ["guidance -2"]),
-    (["--num-images", "0"], ["number of images 0"]),
+    (["--num-images", "0"], ["num_images 0"]),
+    (["--strength", "0.5"], ["--strength 0.5", "--init-image"]),
     (["--scheduler", "magic"], ["'magic'", "dpmpp_2m_karras"]),
     (["--backend", "gpu9000"], ["gpu9000"]),
     (["--init-image", "/nonexistent.png"], ["/nonexistent.png"]),
@@ -81,6 +103,8 @@ def test_missing_or_corrupt_engine_directory(sd1_engine, tmp_path):
     import shutil
 
     assert_one_line_error(run_cli("generate", tmp_path / "none", "x", "-q"), "does not exist")
+    (tmp_path / "a-file").write_text("")
+    assert_one_line_error(run_cli("generate", tmp_path / "a-file", "x", "-q"), "a-file", "is a file")
     broken = tmp_path / "e"
     shutil.copytree(sd1_engine, broken)
     (broken / "vae_decoder" / "model.onnx").write_bytes(b"\0" * 10)
@@ -119,7 +143,7 @@ def test_init_image_array_of_the_wrong_layout_is_named(sd1_engine):
     from sdrt.runtime import Pipeline
 
     pipe = Pipeline(sd1_engine)
-    with pytest.raises(UserError, match=r"expected float \[1, 3, H, W\]"):
+    with pytest.raises(UserError, match=r"init_image <uint8 array of shape \[32, 32, 3\]>: .*float \[1, 3, H, W\]"):
         pipe.request("x", init_image=np.zeros((32, 32, 3), np.uint8))
 
 
@@ -132,3 +156,12 @@ def test_img2img_size_options_resize_the_init_image(sd2_engine, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (32, 24)
     assert_one_line_error(run_cli("generate", sd2_engine, "a cat", "--init-image", init, "--height", 26, "-q",
                                   "-o", tmp_path / "p.png"), "height 26", "multiple of 4")
+
+
+@pytest.mark.parametrize("scheduler, evaluations", [("pndm", 4), ("heun", 5), ("euler", None)])
+def test_steps_and_unet_evaluations_are_both_said_where_they_differ(sd1_engine, tmp_path, scheduler, evaluations):
+    r = run_cli("generate", sd1_engine, "x", "--steps", 3, "--scheduler", scheduler, "-o", tmp_path / "o.png", "-q")
+    assert r.returncode == 0, r.stderr
+    said = f"; 3 steps ({evaluations} UNet evaluations): " if evaluations else "; 3 steps: "
+    assert said in r.stderr and "ms per UNet evaluation" in r.stderr, r.stderr
+    assert "Steps: 3," in read_png_parameters(tmp_path / "o.png")

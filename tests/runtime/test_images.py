@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.images import (
     contact_sheet,
     decode_to_uint8,
@@ -83,18 +83,31 @@ def test_load_init_image_equals_diffusers_preprocess(diffusers_image, tmp_path, 
     _, VaeImageProcessor, load_image = diffusers_image
     path = _odd_image(tmp_path / name, mode, exif_orientation=orientation)
     want = VaeImageProcessor(vae_scale_factor=8).preprocess(load_image(str(path)), height=height, width=width).numpy()
-    got = load_init_image(path, 8, height=height, width=width)
+    with pytest.warns(SdrtWarning, match="not a multiple of the VAE scale factor 8; resized to"):
+        got = load_init_image(path, 8, height=height, width=width)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert got.shape[2] % 8 == 0 and got.shape[3] % 8 == 0
     np.testing.assert_array_equal(got, want)
 
 
 def test_load_init_image_exact_multiple_not_resampled(tmp_path):
+    import warnings
+
     path = _odd_image(tmp_path / "exact.png", size=(32, 16))
-    got = load_init_image(path, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say about a size on the grid
+        got = load_init_image(path, 4)
     pixels = np.asarray(Image.open(path)).astype(np.float32) / 255.0
     np.testing.assert_array_equal(got[0], (2.0 * pixels - 1.0).transpose(2, 0, 1))
     assert got.min() >= -1 and got.max() <= 1
+
+
+def test_a_pil_init_image_is_prepared_as_its_file_is(tmp_path):
+    path = _odd_image(tmp_path / "rotated.jpg", "RGB", exif_orientation=6)
+    with Image.open(path) as opened, pytest.warns(SdrtWarning, match="PIL image"):
+        from_pil = load_init_image(opened, 8)
+    with pytest.warns(SdrtWarning, match="rotated.jpg"):
+        np.testing.assert_array_equal(from_pil, load_init_image(path, 8))
 
 
 def test_load_init_image_errors_name_the_path(tmp_path):
@@ -159,6 +172,22 @@ def test_save_png_overwrites_atomically_and_cleans_up_on_failure(tmp_path):
         save_png(np.zeros((4, 4), np.float32), path, "bad")
     assert read_png_parameters(path) == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_pictures_get_the_umask_mode_and_a_replaced_file_keeps_its_own(tmp_path, mask):
+    """mkstemp would make every picture 0600, unreadable by a web server or another user."""
+    from tests.conftest import umask
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    with umask(mask):
+        png = save_png(image, tmp_path / "x.png", "p")
+        gif = save_gif([image, image], tmp_path / "x.gif")
+        assert png.stat().st_mode & 0o777 == 0o666 & ~mask
+        assert gif.stat().st_mode & 0o777 == 0o666 & ~mask
+        png.chmod(0o640)
+        save_png(image, png, "again")
+        assert png.stat().st_mode & 0o777 == 0o640
 
 
 def test_save_gif(tmp_path):

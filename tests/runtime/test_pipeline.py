@@ -126,13 +126,73 @@ def test_one_pipeline_serves_eight_threads(pipes):
     (dict(width=31), "multiple of"),
     (dict(steps=0), "steps 0"),
     (dict(guidance=-1.0), "guidance -1.0"),
-    (dict(num_images=0), "number of images 0"),
+    (dict(num_images=0), "num_images 0"),
     (dict(scheduler="nope"), "choose one of: ddim"),
     (dict(seed=-5), "seed -5"),
 ])
 def test_bad_settings_are_named(pipes, settings, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):
         pipes["sd1-tiny"].request("x", **settings)
+
+
+# every public argument of Pipeline.request, with values of the wrong type (or out of range) for it
+WRONG = {
+    "prompt": [None, 3, b"bytes", [], ["a", 3], {"a": 1}, np.zeros((2, 2))],
+    "negative_prompt": [3, ["a", "b"], [None], ("a", 3)],
+    "steps": ["5", 2.5, None, True, -1, [5]],
+    "guidance": ["7.5", None, float("nan"), float("inf"), -1, True, [7.5], 1j],
+    "seed": ["1", 1.5, -1, 2**64, True, np.float32(3)],
+    "scheduler": [3, ["euler"], "eular"],
+    "height": ["32", 32.0, 33, 0, -32, True, np.float64(32)],
+    "width": ["32", 31, [32]],
+    "num_images": ["2", 0, 2.0, True, None],
+    "init_image": [3, [[0.0]], np.zeros((32, 32, 3), np.uint8), np.zeros((1, 3, 32, 32), np.int64),
+                   "/nonexistent/x.png", b"/bytes/path"],
+    "strength": ["0.5", float("nan"), 0, 1.5, True],
+}
+NAMED_AS = {"init_image": "init"}
+
+
+@pytest.mark.parametrize("argument, value", [(a, v) for a, values in WRONG.items() for v in values],
+                         ids=lambda x: " ".join(repr(x).split())[:30])
+def test_every_wrong_argument_is_a_one_line_user_error_naming_it(pipes, init_image_path, argument, value):
+    pipe = pipes["sd1-tiny"]
+    kwargs = {"prompt": "x", argument: value}
+    if argument == "strength":
+        kwargs["init_image"] = init_image_path
+    with pytest.raises(UserError) as info:
+        pipe.request(**kwargs)
+    message = str(info.value)
+    assert NAMED_AS.get(argument, argument) in message and "\n" not in message and len(message) < 300, message
+
+
+def test_generate_checks_its_own_arguments(pipes):
+    pipe = pipes["sd1-tiny"]
+    with pytest.raises(UserError, match="prompt None: must be a string"):
+        pipe.generate(None)
+    with pytest.raises(UserError, match="unknown setting 'stpes'; the settings are: steps, guidance"):
+        pipe.generate("x", stpes=3)
+    with pytest.raises(UserError, match="callback 3"):
+        pipe.generate("x", steps=1, callback=3)
+    with pytest.raises(UserError, match="strength 0.5: only img2img"):
+        pipe.generate("x", steps=1, strength=0.5)
+
+
+def test_init_image_as_a_path_or_a_pil_image_equals_the_loaded_array(pipes, init_image_path):
+    from PIL import Image
+
+    from sdrt.runtime.images import load_init_image
+
+    pipe = pipes["sd1-tiny"]
+    kw = dict(steps=4, seed=3, strength=0.5)
+    loaded = load_init_image(init_image_path, pipe.model.vae_scale_factor, 24, 32)
+    want = pipe.generate("x", init_image=loaded, **kw).images[0]
+    from_path = pipe.generate("x", init_image=str(init_image_path), height=24, width=32, **kw).images[0]
+    with Image.open(init_image_path) as image:
+        from_pil = pipe.generate("x", init_image=image, height=24, width=32, **kw).images[0]
+    assert want.shape == (24, 32, 3)
+    np.testing.assert_array_equal(from_path, want)
+    np.testing.assert_array_equal(from_pil, want)
 
 
 def test_bad_strength_is_named(pipes, init_image_path):
@@ -189,3 +249,27 @@ def test_corrupt_engine_directory_names_the_component(sd1_engine, tmp_path):
         Pipeline(broken)
     with pytest.raises(UserError, match="does not exist"):
         Pipeline(tmp_path / "nothing")
+
+
+def test_wrong_pipeline_arguments_are_named(sd1_engine, tmp_path):
+    from sdrt.runtime import Pipeline
+
+    a_file = tmp_path / "engine.txt"
+    a_file.write_text("")
+    for kwargs, needle in [
+        (dict(engine_dir=a_file), "is a file"),
+        (dict(engine_dir=None), "engine directory None: must be a path"),
+        (dict(engine_dir=sd1_engine, verify="full"), "verify 'full': choose one of none, size, sha256"),
+        (dict(engine_dir=sd1_engine, backend=3), "unknown backend 3"),
+        (dict(engine_dir=sd1_engine, backend_options=4), "backend_options 4"),
+        (dict(engine_dir=sd1_engine, backend_options={"thread": 2}),
+         "backend option 'thread': backend 'cpu' takes threads"),
+    ]:
+        with pytest.raises(UserError, match=needle):
+            Pipeline(**kwargs)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # named as --backend names it
+        with pytest.raises(UserError, match="backend 'ort-cuda' needs CUDAExecutionProvider"):
+            Pipeline(sd1_engine, backend="ort-cuda")
+

@@ -96,8 +96,8 @@ class OnnxRuntimeBackend(Backend):
             need = PROVIDERS[self.device][0]
             if need not in have:
                 raise UserError(
-                    f"backend {self.name!r} needs {need}, which this onnxruntime lacks (it has {', '.join(have)}); "
-                    "install onnxruntime-gpu, or use --backend cpu")
+                    f"backend 'ort-{self.device}' needs {need}, which this onnxruntime lacks (it has "
+                    f"{', '.join(have)}); install onnxruntime-gpu, or use --backend cpu")
         return ort
 
     def session_options(self):

@@ -17,7 +17,7 @@ from .multistep import DPMSolverPP2M, UniPC
 from .pndm import PNDM
 from .sigma import LMS, Euler, EulerAncestral, Heun
 
-__all__ = ["SCHEDULER_NAMES", "Scheduler", "make_scheduler", "scheduler_name_for_config"]
+__all__ = ["SCHEDULER_NAMES", "Scheduler", "make_scheduler", "scheduler_name_for_config", "steps_phrase"]
 
 # name -> (diffusers class whose from_config it equals, constructor overrides, our implementation)
 _REGISTRY = {
@@ -77,3 +77,11 @@ def make_scheduler(name: str | None, config: dict, num_inference_steps: int) -> 
         raise UserError(f"number of inference steps {num_inference_steps!r} is invalid; use an integer >= 1")
     class_name, overrides, implementation = _REGISTRY[name]
     return implementation(resolve(class_name, config, overrides), steps)
+
+
+def steps_phrase(steps: int, unet_evaluations: int) -> str:
+    """"25 steps", or "25 steps (26 UNet evaluations)" where they differ: PNDM evaluates its first timestep twice,
+    Heun evaluates every step but the last twice, img2img runs only the tail of the schedule."""
+    if steps == unet_evaluations:
+        return f"{steps} steps"
+    return f"{steps} steps ({unet_evaluations} UNet evaluation{'s' if unet_evaluations != 1 else ''})"
