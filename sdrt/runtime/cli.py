@@ -44,7 +44,8 @@ def _cmd_generate(args) -> int:
         height = width = None
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=height, width=width,
-                       num_images=args.num_images, init_image=init, strength=args.strength)
+                       num_images=args.num_images, init_image=init, strength=args.strength,
+                       truncate=args.truncate, weighting=not args.no_weighting)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -65,7 +66,8 @@ def _cmd_generate(args) -> int:
             guidance=req.guidance, seed=req.seed, height=req.height, width=req.width,
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
             strength=req.strength if init is not None else None,
-            extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
+            extra={**({"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else {}),
+                   **({} if req.weighting else {"Emphasis": "None"})} or None)
         try:
             save_png(image, path, params)
         except OSError as e:
@@ -108,6 +110,11 @@ def add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, metavar="N")
     p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts at 75 tokens as diffusers does (default: longer prompts are read in chunks of 75)")
+    p.add_argument("--no-weighting", action="store_true",
+                   help="read (, ), [, ] and BREAK literally (default: (word:1.3), (word), [word] and BREAK as "
+                        "AUTOMATIC1111 reads them)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")

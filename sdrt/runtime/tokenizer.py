@@ -95,6 +95,14 @@ class CLIPTokenizer:
             ids[row, : len(tokens)] = tokens
         return ids, removed
 
+    def pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids without bos, eos or padding, however long (prompt chunking cuts them)."""
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. ``",</w>"``) or of an added token; None if there is none."""
+        return self._tokenizer.token_to_id(token)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` as transformers' CLIPTokenizer.decode gives it (used to name truncated text)."""
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
