@@ -33,7 +33,7 @@ def _cmd_generate(args) -> int:
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
-    pipe = Pipeline(args.engine_dir, backend=args.backend)
+    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding)
     init, height, width = None, args.height, args.width
     if args.init_image:
         # --height/--width resize the init image; the image then defines the size
@@ -110,6 +110,9 @@ def add_generate(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, metavar="N")
     p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors), used in prompts as TOKEN (default: the file's "
+                        "name without .safetensors); repeatable")
     p.add_argument("--truncate", action="store_true",
                    help="cut prompts at 75 tokens as diffusers does (default: longer prompts are read in chunks of 75)")
     p.add_argument("--no-weighting", action="store_true",

@@ -147,16 +147,18 @@ class Pipeline:
     """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
-                 backend_options: dict | None = None, load_encoder: bool = False):
-        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call."""
+                 backend_options: dict | None = None, load_encoder: bool = False,
+                 embeddings: Sequence[str | os.PathLike] = ()):
+        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call.
+        ``embeddings``: textual-inversion files, ``FILE[:TOKEN]`` (sdrt.runtime.embeddings)."""
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
         self.backend = get_backend(backend, **(backend_options or {}))
         self.tokenizer = CLIPTokenizer.from_dir(
             self.engine_dir / "tokenizer", max_length=self.model.text_max_length, pad_token_id=self.model.pad_token_id)
-        self._initializers: dict = {}
-        self.prompt_reader = PromptReader(self.tokenizer)
+        self._initializers, vectors = self._add_embeddings(embeddings)
+        self.prompt_reader = PromptReader(self.tokenizer, vectors)
         sched_path = self.engine_dir / "scheduler" / "scheduler_config.json"
         try:
             self.scheduler_config = json.loads(sched_path.read_text())
@@ -174,6 +176,17 @@ class Pipeline:
             self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
             raise
         self.max_prompt_chunks, self._prompt_limit = self._chunk_limit()
+
+    def _add_embeddings(self, specs) -> tuple[dict, dict]:
+        """Textual inversion: the tokenizer gains the tokens, the text encoder's table the rows."""
+        self.embeddings = []
+        if not specs:
+            return {}, {}
+        from sdrt.runtime.embeddings import add_embeddings, load_embedding
+
+        self.embeddings = [load_embedding(spec) for spec in specs]
+        self.tokenizer, table, vectors = add_embeddings(self.manifest, self.tokenizer, self.embeddings)
+        return {"text_encoder": table}, vectors
 
     def _load(self, component: str):
         overrides = self._initializers.get(component)
