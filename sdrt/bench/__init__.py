@@ -19,8 +19,8 @@ def _cmd_bench(args) -> int:
 
     settings = Settings(steps=args.steps, height=args.height, width=args.width, batch=args.batch, runs=args.runs,
                         warmup=args.warmup, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                        prompt=args.prompt, backend=args.backend, reference_device=args.reference_device,
-                        threads=args.threads)
+                        prompt=args.prompt, negative_prompt=args.negative_prompt, backend=args.backend,
+                        reference_device=args.reference_device, threads=args.threads, embeddings=tuple(args.embedding))
     result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet,
                        outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot})
     table = markdown(result)
@@ -53,7 +53,12 @@ def add_subcommand(sub) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default=Settings.prompt)
+    p.add_argument("--prompt", default=Settings.prompt,
+                   help="read as `sdrt generate` reads it (chunks beyond 75 tokens, (word:1.3) weights); the "
+                        "reference gets the same reading through prompt_embeds when diffusers' own would differ")
+    p.add_argument("--negative-prompt", default=Settings.negative_prompt, metavar="TEXT")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding, loaded by both sides (repeatable)")
     p.add_argument("--backend", default="cpu", choices=list(BACKENDS))
     p.add_argument("--reference-device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="threads per side (default: all cores)")
