@@ -21,8 +21,8 @@ def _cmd_bench(args) -> int:
 
     settings = Settings(steps=args.steps, height=args.height, width=args.width, batch=args.batch, runs=args.runs,
                         warmup=args.warmup, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                        prompt=args.prompt, backend=args.backend, reference_device=args.reference_device,
-                        threads=args.threads)
+                        prompt=args.prompt, negative_prompt=args.negative_prompt, backend=args.backend,
+                        reference_device=args.reference_device, threads=args.threads, embeddings=tuple(args.embedding))
     result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet,
                        outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot},
                        allow_other_reference=args.allow_other_reference)
@@ -64,7 +64,13 @@ def add_subcommand(sub) -> None:
     p.add_argument("--scheduler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--seed", metavar="S", type=int, default=d.seed, help=f"default {d.seed}")
-    p.add_argument("--prompt", metavar="TEXT", default=d.prompt, help=f"default {d.prompt!r}")
+    p.add_argument("--prompt", metavar="TEXT", default=d.prompt,
+                   help=f"default {d.prompt!r}; read as `sdrt generate` reads it (chunks beyond 75 tokens, "
+                        "(word:1.3) weights); the reference gets the same reading through prompt_embeds when "
+                        "diffusers' own would differ")
+    p.add_argument("--negative-prompt", default=d.negative_prompt, metavar="TEXT")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding, loaded by both sides (repeatable)")
     p.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help=f"sdrt's side (default {d.backend})")
     p.add_argument("--reference-device", default=d.reference_device, choices=["cpu", "cuda"],
                    help=f"diffusers' side (default {d.reference_device})")

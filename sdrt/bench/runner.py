@@ -37,6 +37,7 @@ class Settings:
     backend: str = "cpu"
     reference_device: str = "cpu"
     threads: int | None = None
+    embeddings: tuple[str, ...] = ()   # textual-inversion files, FILE[:TOKEN], loaded by both sides
 
 
 class Worker:
@@ -211,6 +212,7 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
     scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     try:
         threads = ["--threads", str(s.threads)] if s.threads else []
+        threads += [arg for e in s.embeddings for arg in ("--embedding", str(e))]
         bar.set_postfix_str("loading sdrt")
         workers["sdrt"] = Worker("sdrt", ["sdrt", str(engine_dir), "--backend", s.backend, *threads], scratch)
         bar.update(1)

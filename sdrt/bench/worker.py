@@ -22,12 +22,12 @@ from sdrt.errors import UserError
 
 
 class SdrtSide:
-    def __init__(self, path: str, backend: str, threads: int | None):
+    def __init__(self, path: str, backend: str, threads: int | None, embeddings: list[str]):
         from sdrt.runtime import Pipeline
         from sdrt.runtime.backends import THREADED_BACKENDS
 
         opts = {"threads": threads} if threads and backend in THREADED_BACKENDS else {}
-        self.pipe = Pipeline(path, backend=backend, backend_options=opts)
+        self.pipe = Pipeline(path, backend=backend, backend_options=opts, embeddings=embeddings)
         self.backend = self.pipe.backend.describe()
 
     def generate(self, s: dict, record: bool) -> dict:
@@ -49,9 +49,11 @@ class SdrtSide:
 
 
 class DiffusersSide:
-    def __init__(self, path: str, device: str, threads: int | None):
+    def __init__(self, path: str, device: str, threads: int | None, embeddings: list[str]):
         import torch
         from diffusers import StableDiffusionPipeline
+
+        from sdrt.runtime.embeddings import parse_embedding_arg
 
         if threads:
             torch.set_num_threads(threads)
@@ -61,6 +63,9 @@ class DiffusersSide:
         self.pipe = StableDiffusionPipeline.from_pretrained(
             path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        for spec in embeddings:  # the token as sdrt names it: the one given, else the file's stem
+            file, token = parse_embedding_arg(spec)
+            self.pipe.load_textual_inversion(str(file), token=token or file.stem)
         self.backend = f"diffusers {device} {str(dtype).replace('torch.', '')} (torch {torch.__version__})"
         self._times: dict[str, list[float]] = {}
         self._hook(self.pipe.text_encoder, "text_encoder")
@@ -113,7 +118,7 @@ class DiffusersSide:
 
         t0 = time.perf_counter()
         images = self.pipe(
-            s["prompt"], negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
+            **self._prompts(s), num_inference_steps=s["steps"],
             guidance_scale=s["guidance"], height=s["height"], width=s["width"], num_images_per_prompt=s["batch"],
             generator=torch.Generator("cpu").manual_seed(s["seed"]), output_type="np",
             callback_on_step_end=on_step if record else None).images
@@ -123,6 +128,18 @@ class DiffusersSide:
                    "vae_decode_ms": sum(self._times.get("vae_decode", [])), "end_to_end_s": total}
         image = (images * 255).round().astype(np.uint8)
         return {"timings": timings, "image": image, "latents": np.stack(latents) if record else None}
+
+    def _prompts(self, s: dict) -> dict:
+        """The prompts as diffusers takes them, or, where sdrt reads them otherwise (long, weighted), their
+        embeddings as AUTOMATIC1111 computes them, which is what sdrt does (sdrt.bench.reference)."""
+        from sdrt.bench.reference import a1111_prompt_embeds, reads_like_diffusers
+
+        texts = [s["prompt"], s["negative_prompt"] or ""]
+        if all(reads_like_diffusers(self.pipe.tokenizer, self.pipe.maybe_convert_prompt(t, self.pipe.tokenizer))
+               for t in texts):
+            return {"prompt": texts[0], "negative_prompt": texts[1]}
+        embeds = a1111_prompt_embeds(self.pipe, texts).to(self.pipe.unet.dtype)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
     def component(self, name: str, inputs: dict) -> dict:
         from sdrt.export.graphs import GRAPH_IO, graph_module
@@ -197,13 +214,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scratch", required=True)
+    ap.add_argument("--embedding", action="append", default=[])
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         if args.side == "sdrt":
-            side = SdrtSide(args.path, args.backend, args.threads)
+            side = SdrtSide(args.path, args.backend, args.threads, args.embedding)
         else:
-            side = DiffusersSide(args.path, args.device, args.threads)
+            side = DiffusersSide(args.path, args.device, args.threads, args.embedding)
     except UserError as e:  # its last stderr line is what `sdrt bench` shows: the message, not the class name
         print(e, file=sys.stderr)
         return e.exit_code

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 from sdrt.engines.cache import cache_key, find_entry, stale_reason
 from sdrt.engines.parity import Verdict, check_engine
-from sdrt.engines.profiles import ShapeRequest, component_profiles, make_request
+from sdrt.engines.profiles import DEFAULT_PROMPT_CHUNKS, ShapeRequest, component_profiles, make_request
 from sdrt.errors import MissingDependencyError, UserError
 from sdrt.runtime.manifest import COMPONENTS, Manifest
 
@@ -216,7 +216,7 @@ def _engine_runner(trt, component: str, spec: Mapping[str, Any], plan_dir: Path,
 
 def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=None, width=None,
                   static: bool = False, timing_cache: str | None = None, components: list[str] | None = None,
-                  opt_level: int = 3, check_parity: bool = True,
+                  opt_level: int = 3, check_parity: bool = True, chunks=DEFAULT_PROMPT_CHUNKS,
                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Build (or reuse) one engine per component; returns the manifest entries in use."""
     if precision not in PRECISIONS:
@@ -225,7 +225,7 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
         raise UserError(f"--opt-level {opt_level}: TensorRT builder optimization levels are 0..5")
     manifest = Manifest.load(engine_dir, verify="sha256")
     comps = resolve_components(manifest, components)
-    req = make_request(manifest.data["model"], batch, height, width, static)
+    req = make_request(manifest.data["model"], batch, height, width, static, chunks)
 
     trt, pg_trt = _import_build_deps()
     from sdrt.runtime.backends import cuda

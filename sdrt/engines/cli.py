@@ -19,6 +19,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image height range in pixels (default: half to twice the model's default)")
     parser.add_argument("--width", default=None, metavar="MIN:OPT:MAX",
                         help="image width range in pixels (default: half to twice the model's default)")
+    parser.add_argument("--prompt-chunks", default="1:1:3", metavar="MIN:OPT:MAX",
+                        help="prompt length range in chunks of 75 tokens (the UNet reads 77 per chunk; default "
+                             "1:1:3, up to 225 tokens)")
     parser.add_argument("--static", action="store_true",
                         help="build exact-shape engines at the OPT values (enables CUDA graphs at run time)")
     parser.add_argument("--timing-cache", default=None, metavar="FILE",
@@ -39,10 +42,11 @@ def run_build(args: argparse.Namespace) -> int:
     batch = parse_range(args.batch, "batch")
     height = parse_range(args.height, "height") if args.height else None
     width = parse_range(args.width, "width") if args.width else None
+    chunks = parse_range(args.prompt_chunks, "prompt-chunks")
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     build_engines(
         args.engine_dir, precision=args.precision, batch=batch, height=height, width=width,
-        static=args.static, timing_cache=args.timing_cache, components=components,
+        static=args.static, chunks=chunks, timing_cache=args.timing_cache, components=components,
         opt_level=args.opt_level, check_parity=not args.no_parity,
         log=lambda line: print(line, file=sys.stderr))
     return 0

@@ -6,8 +6,11 @@ component's input shapes follow from the manifest's symbolic dims and model numb
 * ``batch`` is the image batch for the VAE. Under classifier-free guidance the pipeline runs the UNet on the
   unconditional and conditional halves at once, so the UNet's batch range is (min, 2*opt, 2*max), which
   still accepts an unguided batch.
-* The text encoder sees prompts plus negative prompts (one per prompt, not per image), so its batch range
-  is (1, opt, 2*max), in static mode too: it runs once per request and its cost is small.
+* The text encoder sees prompts plus negative prompts (one per prompt, not per image), each as its number of
+  prompt chunks (sdrt.runtime.prompts), so its batch range is (1, opt * chunks opt, 2 * max * chunks max), in
+  static mode too: it runs once per request and its cost is small.
+* ``sequence`` (the UNet's text tokens) is text_max_length times the prompt chunks, 1:1:3 by default: prompts
+  of up to 225 tokens (SD1.5). Static mode builds OPT chunks only.
 * ``height``/``width`` are pixels; ``latent_height``/``latent_width`` are pixels / vae_scale_factor.
 * Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
   and 2N (guided).
@@ -26,6 +29,7 @@ from sdrt.errors import UserError
 
 # How many times the largest image batch (UNet) or prompt batch (text encoder) a component may see.
 GUIDED_BATCH_FACTOR = {"unet": 2, "text_encoder": 2}
+DEFAULT_PROMPT_CHUNKS = (1, 1, 3)
 
 
 @dataclass(frozen=True)
@@ -108,26 +112,28 @@ class ShapeRequest:
     height: Range
     width: Range
     static: bool = False
+    chunks: Range = Range(*DEFAULT_PROMPT_CHUNKS)
 
 
 def make_request(model: Mapping[str, Any], batch=(1, 1, 4), height=None, width=None,
-                 static: bool = False) -> ShapeRequest:
+                 static: bool = False, chunks=DEFAULT_PROMPT_CHUNKS) -> ShapeRequest:
     """Turn CLI-level values into checked ranges; static mode collapses each range to its OPT value."""
     multiple = size_multiple(model)
     b = as_range(batch, "batch")
     h = as_range(height, "height") if height is not None else default_size_range(int(model["default_height"]), multiple)
     w = as_range(width, "width") if width is not None else default_size_range(int(model["default_width"]), multiple)
+    c = as_range(chunks, "prompt-chunks")
     if static:
-        b, h, w = (Range(r.opt, r.opt, r.opt) for r in (b, h, w))
+        b, h, w, c = (Range(r.opt, r.opt, r.opt) for r in (b, h, w, c))
     check_size_range(h, "height", multiple, int(model["vae_scale_factor"]))
     check_size_range(w, "width", multiple, int(model["vae_scale_factor"]))
-    return ShapeRequest(b, h, w, static)
+    return ShapeRequest(b, h, w, static, c)
 
 
 def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
-    b = req.batch
+    b, c = req.batch, req.chunks
     if component == "text_encoder":
-        return [Range(1, b.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max)]
+        return [Range(1, b.opt * c.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max * c.max)]
     factor = GUIDED_BATCH_FACTOR.get(component, 1)
     if factor == 1:
         return [b]
@@ -143,8 +149,9 @@ def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], mode
     ``inputs`` are the manifest's input specs (name, dtype, shape with ints or symbol strings).
     """
     vsf = int(model["vae_scale_factor"])
+    length = int(model["text_max_length"])
     sizes = {
-        "height": req.height, "width": req.width,
+        "height": req.height, "width": req.width, "sequence": req.chunks.scaled(length, length, length),
         "latent_height": Range(req.height.min // vsf, req.height.opt // vsf, req.height.max // vsf),
         "latent_width": Range(req.width.min // vsf, req.width.opt // vsf, req.width.max // vsf),
     }

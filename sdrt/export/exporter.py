@@ -67,20 +67,21 @@ def _tool_versions(opset: int) -> dict:
             "onnxruntime": onnxruntime.__version__, "opset": opset}
 
 
-def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(batch, latent_h, latent_w) to trace at, and other sizes to check parity at.
+def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """(batch, latent_h, latent_w, prompt chunks) to trace at, and other sizes to check parity at.
 
     The UNet is traced at a latent size that is not a multiple of its downsampling factor: diffusers then
     upsamples each decoder level to its skip connection's size (``upsample_size``) instead of by a fixed 2x,
     and the traced graph takes every latent size, as diffusers does. Parity is checked at a size whose height
-    is a multiple and whose width is not, so both paths are compared with PyTorch.
+    is a multiple and whose width is not, so both paths are compared with PyTorch; and with the text of two
+    prompt chunks where the trace saw one, so the UNet's sequence axis is checked too.
     """
     s = numbers["sample_size"]
     m = latent_size_multiple
     odd = 1 if m > 1 else 0
-    trace = (2, s + odd, s + odd)
+    trace = (2, s + odd, s + odd, 1)
     lo = s - m if s - m >= m else s + m
-    check = (1 if s >= 32 else 3, lo, s + 3 * odd)
+    check = (1 if s >= 32 else 3, lo, s + 3 * odd, 2)
     return trace, check
 
 
@@ -173,6 +174,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             }
             if variants:
                 entries[comp]["variants"] = variants
+            if comp == "text_encoder":
+                entries[comp]["token_embedding"] = token_embedding_record(graph, module)
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
             for name, v in variants.items():
@@ -192,6 +195,21 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def token_embedding_record(graph: Path, module) -> dict:
+    """Which initializer of the text encoder's graph is its token-embedding table (the runtime adds
+    textual-inversion rows to it), checked against the PyTorch weight it was traced from."""
+    import numpy as np
+
+    from sdrt.runtime.onnx_weights import graph_initializers
+
+    weight = module.text_encoder.get_input_embeddings().weight
+    name = next((n for n, p in module.named_parameters() if p is weight), "")
+    found = graph_initializers(graph).get(name)
+    if found is None or not np.array_equal(found.read(), weight.detach().numpy()):
+        raise UserError(f"{graph}: the token-embedding table {name!r} is not an initializer of the traced graph")
+    return {"initializer": name, "shape": list(found.shape)}
 
 
 def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):

@@ -110,7 +110,8 @@ def graph_specs(numbers: dict) -> dict[str, GraphSpec]:
     shapes = {
         "text_encoder": ((i64, ("batch", L)),
                          (f32, ("batch", L, hidden)), (f32, ("batch", hidden))),
-        "unet": ((f32, latent), (f32, ("batch",)), (f32, ("batch", L, hidden)),
+        # the UNet reads the text of k prompt chunks, L * k tokens (sdrt.runtime.prompts)
+        "unet": ((f32, latent), (f32, ("batch",)), (f32, ("batch", "sequence", hidden)),
                  (f32, latent)),
         "vae_decoder": ((f32, latent),
                         (f32, ("batch", img_c, "height", "width"))),
@@ -127,13 +128,13 @@ def graph_specs(numbers: dict) -> dict[str, GraphSpec]:
     return specs
 
 
-def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, latent_w: int,
+def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, latent_w: int, chunks: int,
                    vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random inputs of the given sizes (symbols resolved), reproducible from ``seed``."""
+    """Random inputs of the given sizes (symbols resolved; ``chunks`` prompt chunks), reproducible from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     f = numbers["vae_scale_factor"]
     sizes = {"batch": batch, "latent_height": latent_h, "latent_width": latent_w,
-             "height": latent_h * f, "width": latent_w * f}
+             "height": latent_h * f, "width": latent_w * f, "sequence": numbers["text_max_length"] * chunks}
     out = {}
     for name, dtype, shape in spec.inputs:
         shp = tuple(sizes[d] if isinstance(d, str) else d for d in shape)

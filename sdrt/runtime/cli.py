@@ -37,11 +37,12 @@ def _cmd_generate(args) -> int:
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
-    pipe = Pipeline(args.engine_dir, backend=args.backend)
+    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding)
     # with --init-image, --height/--width resize the image (as load_init_image does), which then sets the size
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
-                       num_images=args.num_images, init_image=args.init_image, strength=args.strength)
+                       num_images=args.num_images, init_image=args.init_image, strength=args.strength,
+                       truncate=args.truncate, weighting=not args.no_weighting)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -63,7 +64,8 @@ def _cmd_generate(args) -> int:
             guidance=req.guidance, seed=req.seed, height=req.height, width=req.width,
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
             strength=req.strength if req.init_image is not None else None,
-            extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
+            extra={**({"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else {}),
+                   **({} if req.weighting else {"Emphasis": "None"})} or None)
         try:
             save_png(image, path, params)
         except OSError as e:
@@ -107,6 +109,14 @@ def add_generate(sub) -> None:
     p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the image, in (0, 1] (default 0.8)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors), used in prompts as TOKEN (default: the file's "
+                        "name without .safetensors); repeatable")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts at 75 tokens as diffusers does (default: longer prompts are read in chunks of 75)")
+    p.add_argument("--no-weighting", action="store_true",
+                   help="read (, ), [, ] and BREAK literally (default: (word:1.3), (word), [word] and BREAK as "
+                        "AUTOMATIC1111 reads them)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")

@@ -22,10 +22,14 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "<name>": {"file": "unet/model.onnx", "data_file": "model.onnx.data" | null,
                    "sha256": str, "size_bytes": int,     # over model.onnx then its data file
                    "inputs": [{"name", "dtype", "shape"}], "outputs": [...],   # shape entries: int or symbol str
+                                                           # (unet encoder_hidden_states: "sequence" =
+                                                           # text_max_length * prompt chunks; an int before)
                    "parity": {"rel_l2": float, "max_abs": float, "inputs": {name: shape}},
                    "variants": {"cpu": {"file", "sha256", "size_bytes", "parity",   # ONNX Runtime CPU's graph,
-                                        "min_onnxruntime"?: str, ...}} }   # same weights file; unet: fused
+                                        "min_onnxruntime"?: str, ...}},    # same weights file; unet: fused
                                                            # attention; vae_*: GroupNorm as LayerNormalization
+                   "token_embedding": {"initializer": str, "shape": [vocab, hidden]}}  # text_encoder: the table
+                                                           # textual-inversion rows are added to (at run time)
       },
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},
       "engines": { "<component>": [ {"key", "precision", "profiles", "tensorrt_version", ...} ] }  # by `sdrt build`

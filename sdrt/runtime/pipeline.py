@@ -23,6 +23,7 @@ import numpy as np
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.prompts import PromptReader, PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
 from sdrt.runtime.tokenizer import CLIPTokenizer
@@ -52,6 +53,9 @@ class Request:
     init_image: np.ndarray | None = None   # [1, 3, H, W] float32 in [-1, 1]
     strength: float = 1.0
     schedule: Scheduler | None = field(default=None, repr=False, compare=False)  # built and checked by request()
+    truncate: bool = False      # keep each prompt's first 75 tokens (diffusers' cut) instead of chunking
+    weighting: bool = True      # read AUTOMATIC1111's emphasis syntax: (word), [word], (word:1.3), BREAK
+    prompt_tokens: PromptTokens | None = field(default=None, repr=False, compare=False)  # read by request()
 
     @property
     def batch(self) -> int:
@@ -186,8 +190,10 @@ class Pipeline:
     """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
-                 backend_options: dict | None = None, load_encoder: bool = False):
-        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call."""
+                 backend_options: dict | None = None, load_encoder: bool = False,
+                 embeddings: Sequence[str | os.PathLike] = ()):
+        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call.
+        ``embeddings``: textual-inversion files, ``FILE[:TOKEN]`` (sdrt.runtime.embeddings)."""
         if backend_options is not None and not isinstance(backend_options, dict):
             raise UserError(f"backend_options {_shown(backend_options)}: must be a dict of the backend's options")
         self.manifest = Manifest.load(engine_dir, verify=verify)
@@ -196,6 +202,8 @@ class Pipeline:
         self.backend = get_backend(backend, **(backend_options or {}))
         self.tokenizer = CLIPTokenizer.from_dir(
             self.engine_dir / "tokenizer", max_length=self.model.text_max_length, pad_token_id=self.model.pad_token_id)
+        self._initializers, vectors = self._add_embeddings(embeddings)
+        self.prompt_reader = PromptReader(self.tokenizer, vectors)
         sched_path = self.engine_dir / "scheduler" / "scheduler_config.json"
         try:
             self.scheduler_config = json.loads(sched_path.read_text())
@@ -208,23 +216,59 @@ class Pipeline:
             wanted.append("vae_encoder")
         try:
             for comp in wanted:
-                self.sessions[comp] = self.backend.load(self.manifest, comp)
+                self.sessions[comp] = self._load(comp)
         except BaseException:
             self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
             raise
+        self.max_prompt_chunks, self._prompt_limit = self._chunk_limit()
+
+    def _add_embeddings(self, specs) -> tuple[dict, dict]:
+        """Textual inversion: the tokenizer gains the tokens, the text encoder's table the rows."""
+        self.embeddings = []
+        if not specs:
+            return {}, {}
+        from sdrt.runtime.embeddings import add_embeddings, load_embedding
+
+        self.embeddings = [load_embedding(spec) for spec in specs]
+        self.tokenizer, table, vectors = add_embeddings(self.manifest, self.tokenizer, self.embeddings)
+        return {"text_encoder": table}, vectors
+
+    def _load(self, component: str):
+        overrides = self._initializers.get(component)
+        if overrides:
+            return self.backend.load(self.manifest, component, initializers=overrides)
+        return self.backend.load(self.manifest, component)
+
+    def _chunk_limit(self) -> tuple[int | None, str]:
+        """How many prompt chunks the UNet takes (None: any number), and why no more."""
+        unet = self.sessions["unet"]
+        length = self.model.text_max_length
+        tokens = unet.dim_limit("encoder_hidden_states", 1)
+        if tokens is None:
+            return None, ""
+        spec = next(s for s in unet.inputs if s.name == "encoder_hidden_states")
+        if isinstance(spec.shape[1], int):
+            return max(1, tokens // length), (f"its UNet was exported for {tokens} tokens, before long prompts; "
+                                              f"re-export it")
+        return max(1, tokens // length), f"its {self.backend.name} profiles; rebuild with a larger --prompt-chunks"
 
     # ---- requests -------------------------------------------------------------------------------------
     def request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = None,
                 scheduler: str | None = None, height: int | None = None, width: int | None = None,
                 num_images: int = 1, init_image: str | os.PathLike | np.ndarray | Image.Image | None = None,
-                strength: float | None = None) -> Request:
+                strength: float | None = None, truncate: bool = False, weighting: bool = True) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
         prepares it (``height``/``width`` resize it), or that function's result, a float ``[1, C, H, W]`` array
         in [-1, 1] (``height``/``width`` must then match it). ``strength``: img2img only, default 0.8.
+        A prompt over 75 tokens is read in chunks (``truncate``: cut as diffusers does) and weighted
+        (``weighting``; sdrt.runtime.prompts).
         """
+        for what, flag in (("truncate", truncate), ("weighting", weighting)):
+            if not isinstance(flag, bool):
+                raise UserError(f"{what} {_shown(flag)}: must be True or False")
         prompts = _texts("prompt", prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -272,8 +316,10 @@ class Pipeline:
         sched = make_scheduler(scheduler, self.scheduler_config, steps)
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
-        return Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
-                       init_image, strength, sched)
+        req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
+                      init_image, strength, sched, truncate, weighting)
+        req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
+        return req
 
     def _size(self, what: str, value) -> int:
         multiple = self.model.size_multiple
@@ -287,11 +333,29 @@ class Pipeline:
         """The prompts the text encoder reads for ``req``: positives, then negatives when guided."""
         return req.prompts + (req.negative_prompts if req.guided else [])
 
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer.encode(list(prompts))
-        out = self.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+    def prepare_prompts(self, req: Request) -> PromptTokens:
+        """Step (a) of sdrt.runtime.prompts for ``req``'s prompts: token ids per chunk and their weights."""
+        return self.prompt_reader.prepare(self.text_inputs(req), truncate=req.truncate, weighting=req.weighting,
+                                          max_chunks=self.max_prompt_chunks, limit=self._prompt_limit)
+
+    def run_text_encoder(self, ids: np.ndarray) -> np.ndarray:
+        """Step (b): ``last_hidden_state`` of token-id rows (of one request, or several concatenated)."""
+        session = self.sessions["text_encoder"]
+        most = session.dim_limit("input_ids", 0) or len(ids)
+        out = np.concatenate([session.run({"input_ids": ids[i:i + most]})["last_hidden_state"]
+                              for i in range(0, len(ids), most)])
         _check_finite("text_encoder", out)
         return out
+
+    def encode_tokens(self, tokens: PromptTokens) -> np.ndarray:
+        """Steps (b) and (c): text embeddings ``[n_prompts, max_length * chunks, hidden]``."""
+        return tokens.assemble(self.run_text_encoder(tokens.ids))
+
+    def encode_prompts(self, prompts: Sequence[str], truncate: bool = False, weighting: bool = True) -> np.ndarray:
+        """Prompts -> text embeddings ``[n, max_length * chunks, hidden]`` (steps a, b and c)."""
+        return self.encode_tokens(self.prompt_reader.prepare(
+            list(prompts), truncate=truncate, weighting=weighting, max_chunks=self.max_prompt_chunks,
+            limit=self._prompt_limit))
 
     def _vae_encoder(self):
         if "vae_encoder" not in self.sessions:
@@ -299,7 +363,7 @@ class Pipeline:
                 raise UserError(f"{self.engine_dir} has no vae_encoder; img2img needs it (re-export with it)")
             with self._encoder_lock:
                 if "vae_encoder" not in self.sessions:
-                    self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
+                    self.sessions["vae_encoder"] = self._load("vae_encoder")
         return self.sessions["vae_encoder"]
 
     def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
@@ -339,7 +403,7 @@ class Pipeline:
 
         if texts is None:
             t0 = time.perf_counter()
-            texts = self.encode_prompts(self.text_inputs(req))
+            texts = self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req))
             timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
         n = len(req.prompts)
         cond = np.repeat(texts[:n], req.num_images, axis=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from sdrt.errors import UserError
 
@@ -94,6 +94,30 @@ class CLIPTokenizer:
                 tokens = tokens[: self.max_length - 1] + [tokens[-1]]
             ids[row, : len(tokens)] = tokens
         return ids, removed
+
+    def pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids without bos, eos or padding, however long (prompt chunking cuts them)."""
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. ``",</w>"``) or of an added token; None if there is none."""
+        return self._tokenizer.token_to_id(token)
+
+    def with_added_tokens(self, tokens: Sequence[str]) -> tuple["CLIPTokenizer", list[int]]:
+        """A copy that also knows ``tokens`` (textual-inversion names), and their ids.
+
+        As transformers' ``add_tokens`` adds them for diffusers' ``load_textual_inversion``: plain added tokens
+        matched in the normalized (lower-cased) prompt, anywhere in it, numbered after the vocabulary.
+        """
+        tokens = list(tokens)
+        for i, token in enumerate(tokens):
+            if self._tokenizer.token_to_id(token) is not None or token in tokens[:i]:
+                raise UserError(f"token {token!r} is already in the tokenizer's vocabulary or taken by another "
+                                f"embedding; give the embedding another token (FILE:TOKEN)")
+        copy = CLIPTokenizer(self._tokenizer, self.max_length, self.pad_token_id)
+        copy._tokenizer.add_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=True,
+                                               special=False) for t in tokens])
+        return copy, [copy._tokenizer.token_to_id(t) for t in tokens]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` as transformers' CLIPTokenizer.decode gives it (used to name truncated text)."""

@@ -25,7 +25,8 @@ def _cmd_serve(args) -> int:
     config = ServeConfig(engine_dir=args.engine_dir, host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, timeout=args.timeout, backend=args.backend,
                          api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
-                         max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup)
+                         max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
+                         embeddings=args.embedding)
     return serve(config)
 
 
@@ -60,6 +61,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--max-images", type=int, default=8, metavar="N", help="images per request (default 8)")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="width x height per image (default: 4x the model's default size)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors) prompts may use as TOKEN; repeatable")
     p.add_argument("--no-warmup", action="store_true",
                    help="ready without the warm-up step (the first request then pays for it)")
     p.set_defaults(func=_cmd_serve)

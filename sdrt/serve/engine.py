@@ -467,11 +467,13 @@ class Engine:
         for job in jobs:
             job.timings["queue_ms"] = (now - job.created) * 1e3
         t0 = time.perf_counter()
-        prompts = [pipe.text_inputs(job.req) for job in jobs]
+        # token ids of every admitted request (chunked and weighted by request()) through one text-encoder call;
+        # each request reassembles its own rows, so its embeddings do not depend on the others'
+        tokens = [job.req.prompt_tokens or pipe.prepare_prompts(job.req) for job in jobs]
         try:
-            texts = pipe.encode_prompts([p for group in prompts for p in group])
-            split = np.cumsum([len(p) for p in prompts])[:-1]
-            per_job = np.split(texts, split)
+            hidden = pipe.run_text_encoder(np.concatenate([t.ids for t in tokens]))
+            split = np.cumsum([len(t.ids) for t in tokens])[:-1]
+            per_job = [t.assemble(h) for t, h in zip(tokens, np.split(hidden, split))]
         except UserError:
             if len(jobs) == 1:
                 raise

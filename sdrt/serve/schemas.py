@@ -41,6 +41,8 @@ class ImageRequest(BaseModel):
     strength: float | None = Field(default=None, description=f"img2img only: how much to change it (default {DEFAULT_STRENGTH})")
     timeout: float | None = Field(default=None, description="seconds; at most the service's --timeout")
     preview_every: int = Field(default=0, description="job events: a preview PNG every N steps (0: none)")
+    truncate: bool = Field(default=False, description="cut prompts at 75 tokens as diffusers does (default: chunks)")
+    weighting: bool = Field(default=True, description="read (word:1.3), (word), [word] and BREAK as AUTOMATIC1111 does")
 
 
 def decode_base64_image(data: str, field: str) -> bytes:

@@ -35,6 +35,7 @@ class ServeConfig:
     max_images: int = 8
     max_pixels: int | None = None
     warmup: bool = True
+    embeddings: list = field(default_factory=list)   # textual-inversion files, FILE[:TOKEN]
     backend_options: dict = field(default_factory=dict)
 
     def api_key(self) -> str | None:
@@ -51,7 +52,8 @@ def build_engine(config: ServeConfig):
     from sdrt.runtime import Pipeline
     from sdrt.serve.engine import Engine, Limits
 
-    pipeline = Pipeline(config.engine_dir, backend=config.backend, backend_options=config.backend_options or None)
+    pipeline = Pipeline(config.engine_dir, backend=config.backend, backend_options=config.backend_options or None,
+                        embeddings=config.embeddings)
     try:
         engine = Engine(pipeline, max_batch=config.max_batch, max_queue=config.max_queue, timeout=config.timeout,
                         limits=Limits(max_pixels=config.max_pixels, max_steps=config.max_steps,

@@ -161,3 +161,22 @@ def _cmdline(proc_dir) -> bytes:
         return (proc_dir / "cmdline").read_bytes()
     except OSError:  # the process ended meanwhile
         return b""
+
+
+def test_long_weighted_prompts_and_embeddings_keep_parity(sd1_engine, sd1_model, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              tmp_path / "easyneg.safetensors")
+    prompt = "a (red circle:1.3) BREAK " + ", ".join(["a [blue] square on a green background"] * 12)
+    r = run_cli("bench", sd1_engine, "--reference", sd1_model, "--steps", 2, "--runs", 1, "--warmup", 0,
+                "--prompt", prompt, "--negative-prompt", "(easyneg:1.2), blurry",
+                "--embedding", tmp_path / "easyneg.safetensors", "--json", tmp_path / "b.json", "-q", timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["settings"]["embeddings"] == [str(tmp_path / "easyneg.safetensors")]
+    p = result["parity"]
+    # diffusers got AUTOMATIC1111's reading of the 3-chunk prompt (sdrt.bench.reference): the same image
+    assert p["images_identical"] or p["image_psnr_db"] >= 40
+    assert all(0 <= e < 1e-3 for e in p["latent_rel_l2_per_step"])

@@ -52,8 +52,7 @@ def _unet(path: Path):
     C = MODEL["latent_channels"]
     s, s_s = _io("sample", "float32", ["batch", C, "latent_height", "latent_width"])
     t, t_s = _io("timestep", "float32", ["batch"])
-    e, e_s = _io("encoder_hidden_states", "float32",
-                 ["batch", MODEL["text_max_length"], MODEL["text_hidden_size"]])
+    e, e_s = _io("encoder_hidden_states", "float32", ["batch", "sequence", MODEL["text_hidden_size"]])
     o, o_s = _io("out_sample", "float32", ["batch", C, "latent_height", "latent_width"])
     inits = [numpy_helper.from_array(np.array([0.5], np.float32), "half"),
              numpy_helper.from_array(np.array([1e-3], np.float32), "tscale"),

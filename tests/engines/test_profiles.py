@@ -10,7 +10,7 @@ from tests.engines.fake_engine_dir import MODEL
 UNET_INPUTS = [
     {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]},
     {"name": "timestep", "dtype": "float32", "shape": ["batch"]},
-    {"name": "encoder_hidden_states", "dtype": "float32", "shape": ["batch", 8, 16]},
+    {"name": "encoder_hidden_states", "dtype": "float32", "shape": ["batch", "sequence", 16]},
 ]
 VAE_INPUTS = [{"name": "latent_sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]}]
 TEXT_INPUTS = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 8]}]
@@ -57,14 +57,30 @@ def test_unet_batch_doubled_for_guidance_and_latents_scaled():
     (p,) = component_profiles("unet", UNET_INPUTS, MODEL, req)
     assert p["sample"] == {"min": [1, 4, 16, 32], "opt": [4, 4, 32, 32], "max": [8, 4, 64, 32]}
     assert p["timestep"] == {"min": [1], "opt": [4], "max": [8]}
-    assert p["encoder_hidden_states"]["max"] == [8, 8, 16]
+    # text_max_length 8: one to three prompt chunks by default
+    assert p["encoder_hidden_states"] == {"min": [1, 8, 16], "opt": [4, 8, 16], "max": [8, 24, 16]}
     (t,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
-    assert t["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [8, 8]}
+    # prompts and negative prompts of 4 images, three chunks each
+    assert t["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [24, 8]}
     req = make_request(MODEL, batch="2:2:4", height="32:64:128", width="64:64:64")
     (t,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
     assert t["input_ids"]["min"] == [1, 8]  # one prompt, several images: the text batch stays 1 or 2
     (v,) = component_profiles("vae_decoder", VAE_INPUTS, MODEL, req)
     assert v["latent_sample"]["max"] == [4, 4, 64, 32]
+
+
+def test_prompt_chunks_set_the_unet_sequence_and_text_batch():
+    req = make_request(MODEL, batch="1:1:2", chunks="1:2:4")
+    (p,) = component_profiles("unet", UNET_INPUTS, MODEL, req)
+    assert [p["encoder_hidden_states"][k][1] for k in ("min", "opt", "max")] == [8, 16, 32]
+    (t,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
+    assert t["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [16, 8]}
+    # an engine exported before long prompts has a fixed sequence: its profile stays at one chunk
+    old = [dict(UNET_INPUTS[2], shape=["batch", 8, 16])]
+    (p,) = component_profiles("unet", old, MODEL, req)
+    assert p["encoder_hidden_states"]["max"] == [4, 8, 16]
+    with pytest.raises(UserError, match="--prompt-chunks"):
+        make_request(MODEL, chunks="0:1:3")
 
 
 def test_static_mode_collapses_to_opt_with_guided_and_unguided_profiles():
@@ -74,6 +90,7 @@ def test_static_mode_collapses_to_opt_with_guided_and_unguided_profiles():
     assert is_static(unet)
     vae = component_profiles("vae_decoder", VAE_INPUTS, MODEL, req)
     assert len(vae) == 1 and is_static(vae)
+    assert [p["encoder_hidden_states"]["max"] for p in unet] == [[2, 8, 16], [4, 8, 16]]  # one chunk (OPT)
     (text,) = component_profiles("text_encoder", TEXT_INPUTS, MODEL, req)
     assert text["input_ids"] == {"min": [1, 8], "opt": [2, 8], "max": [4, 8]}
 

@@ -81,6 +81,13 @@ def test_graphs_have_the_contract_names_and_dynamic_axes(engine_dirs, kind):
             assert first[2].dim_param and first[3].dim_param, f"{name}: height/width are not dynamic"
         files = [engine / c["file"]] + ([engine / name / c["data_file"]] if c["data_file"] else [])
         assert c["sha256"] and c["size_bytes"] == sum(f.stat().st_size for f in files), name
+    # the UNet reads the text of any number of prompt chunks, and export checked it at two
+    unet = onnx.load(str(engine / m["components"]["unet"]["file"]), load_external_data=False)
+    text = unet.graph.input[2].type.tensor_type.shape.dim
+    assert text[1].dim_param == "sequence" and text[2].dim_value == m["model"]["text_hidden_size"]
+    checked = m["components"]["unet"]["parity"]["inputs"]["encoder_hidden_states"]
+    assert checked[1] == 2 * m["model"]["text_max_length"]
+    assert m["components"]["unet"]["variants"]["cpu"]["parity"]["inputs"]["encoder_hidden_states"] == checked
 
 
 def test_manifest_records_tools_and_source(sd1_engine, sd1_model):

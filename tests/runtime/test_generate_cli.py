@@ -114,6 +114,7 @@ def test_missing_or_corrupt_engine_directory(sd1_engine, tmp_path):
 def test_runtime_imports_no_torch():
     code = ("import sys; import sdrt.runtime; from sdrt.runtime import Pipeline; import sdrt.runtime.cli; "
             "import sdrt.runtime.backends.onnxruntime, sdrt.runtime.backends.tensorrt; "
+            "import sdrt.runtime.prompts, sdrt.runtime.embeddings, sdrt.runtime.onnx_weights; "
             "from sdrt.cli import build_parser; build_parser(); "
             "print(sorted({'torch', 'transformers', 'diffusers', 'tensorrt'} & set(sys.modules)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -249,3 +249,21 @@ def test_cuda_buffer_roundtrip_on_gpu():
         pytest.skip(str(e))
     a = np.random.default_rng(0).standard_normal((3, 5, 7)).astype(np.float32)
     np.testing.assert_array_equal(cuda_mod.roundtrip(a), a)
+
+
+def test_profiles_bound_the_prompt_length(engine_dir, fake_gpu):
+    add_engine(engine_dir)  # default prompt chunks 1:1:3; the fake model reads 8 tokens per chunk
+    session = TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    assert session.dim_limit("encoder_hidden_states", 1) == 24 and session.dim_limit("sample", 0) == 4
+    feeds = unet_feeds(2, 16)
+    feeds["encoder_hidden_states"] = np.zeros((2, 24, 16), np.float32)  # three chunks
+    np.testing.assert_array_equal(session.run(feeds)["out_sample"], feeds["sample"] * 0.5)
+    feeds["encoder_hidden_states"] = np.zeros((2, 32, 16), np.float32)
+    with pytest.raises(UserError, match="no TensorRT profile accepts"):
+        session.run(feeds)
+
+
+def test_weight_overrides_are_refused_before_loading_anything(engine_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # refused before tensorrt is needed
+    with pytest.raises(UserError, match="cannot replace weights"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "text_encoder", initializers={"embedding": np.zeros(1)})
