@@ -55,6 +55,6 @@ def diffusers_pipeline(model_dir, img2img: bool = False, dtype=None):
     index = json.loads((Path(model_dir) / "model_index.json").read_text())
     txt2img, image2image, kwargs = PIPELINE_CLASSES[index.get("_class_name") or "StableDiffusionPipeline"]
     cls = getattr(diffusers, image2image if img2img else txt2img)
-    pipe = cls.from_pretrained(model_dir, torch_dtype=dtype or torch.float32, **kwargs)
+    pipe = cls.from_pretrained(model_dir, dtype=dtype or torch.float32, **kwargs)  # torch_dtype is deprecated
     pipe.set_progress_bar_config(disable=True)
     return pipe
