@@ -60,6 +60,42 @@ def sd2_engine(engine_dirs) -> Path:
     return engine_dirs["sd2-tiny"]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(kind) -> (model_dir, engine_dir)``: a tiny checkpoint of another kind (sdxl-tiny,
+    sdxl-refiner-tiny, sdxl-turbo-tiny, sd-turbo-tiny, lcm-tiny), made and exported on first use, so only the
+    tests that use one pay for it. Engine directories are read-only for tests."""
+    pytest.importorskip("diffusers")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def build(kind: str) -> tuple[Path, Path]:
+        if kind not in built:
+            from sdrt.export import export_model
+            from tools.make_models import make_model
+
+            base = tmp_path_factory.mktemp(kind)
+            model = make_model(kind, base / "model", seed=0)
+            export_model(model, base / "engine", progress=False, log=lambda m: None)
+            built[kind] = (model, base / "engine")
+        return built[kind]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def init_image_path(tmp_path_factory):
+    """A structured picture of an odd size (resized by both pipelines' preprocessing)."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 37, 45  # rounds down to 36x44: odd latents (9x11) for the 4x VAE
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx * 5) % 256, (yy * 7) % 256, ((xx + yy) * 3) % 256], axis=-1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "init.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     """Run `python -m sdrt ARGS` in a subprocess; returns CompletedProcess with text output."""
     import subprocess

@@ -6,6 +6,14 @@ Real diffusers/transformers classes, the real CLIP vocabulary (tools/clip_vocab.
   (scale factor 2) - small enough for unit tests.
 * ``sd2-tiny``: SD2-style (gelu CLIP, v_prediction, linear projections, per-block attention head dims,
   upcast attention, pad "!", DDIM), a 3-block VAE (scale factor 4) with a non-default scaling_factor.
+* ``sdxl-tiny``: SDXL-style: two text encoders of different widths (CLIP ViT-L-like, pad <|endoftext|>;
+  OpenCLIP-bigG-like with projection, pad "!"), a UNet with ``text_time`` added conditioning, Euler
+  (leading spacing) and ``force_zeros_for_empty_prompt``, a VAE with its own scaling factor and force_upcast.
+* ``sdxl-refiner-tiny``: the refiner: second encoder only, aesthetic-score time ids, img2img pipeline.
+* ``sdxl-turbo-tiny`` / ``sd-turbo-tiny``: the sdxl-tiny / sd2-tiny (epsilon) architectures with SDXL-Turbo's
+  / SD-Turbo's scheduler (Euler ancestral / Euler, trailing spacing): used with guidance 0 and 1-4 steps.
+* ``lcm-tiny``: an LCM-distilled SD1-style UNet (``time_cond_proj_dim``: the guidance embedding) with the
+  LCM scheduler, saved as a LatentConsistencyModelPipeline.
 * ``sd15``: the full-size SD1.5 architecture (860M-parameter UNet) for benchmarks; never in tests.
 
     python -m tools.make_models sd1-tiny OUT_DIR [--seed N]
@@ -22,7 +30,8 @@ from pathlib import Path
 
 from tools.clip_vocab import EOS, write_clip_tokenizer
 
-KINDS = ("sd1-tiny", "sd2-tiny", "sd15")
+KINDS = ("sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny",
+         "lcm-tiny", "sd15")
 
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -51,6 +60,72 @@ SD2_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
+# stabilityai/stable-diffusion-xl-base-1.0 (and the refiner)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+# stabilityai/sdxl-turbo: Euler ancestral, trailing; stabilityai/sd-turbo: Euler, trailing
+SDXL_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler",
+                        "timestep_spacing": "trailing"}
+SD_TURBO_SCHEDULER = {**SDXL_SCHEDULER, "timestep_spacing": "trailing"}
+# SimianLuo/LCM_Dreamshaper_v7
+LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": "0.22.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+# The tiny SDXL's encoders have different widths (32 and 48) and the second a projection of another (24),
+# so a swapped or assumed width shows up as a shape error.
+SDXL_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 hidden_act="quick_gelu", projection_dim=32)
+SDXL_TEXT_2 = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   hidden_act="gelu", projection_dim=24)
+SDXL_TIME_EMBED_DIM = 8
+
+
+def _sdxl_unet(cross_attention_dim: int, time_ids: int) -> dict:
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=SDXL_TIME_EMBED_DIM, transformer_layers_per_block=(1, 2),
+                projection_class_embeddings_input_dim=time_ids * SDXL_TIME_EMBED_DIM + SDXL_TEXT_2["projection_dim"],
+                cross_attention_dim=cross_attention_dim, norm_num_groups=32)
+
+
+SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=0.13025, force_upcast=True)
 
 
 def _configs(kind: str) -> dict:
@@ -81,6 +156,24 @@ def _configs(kind: str) -> dict:
                      layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=0.13025),
             scheduler=SD2_SCHEDULER, pad_token="!",
         )
+    if kind in ("sdxl-tiny", "sdxl-turbo-tiny"):
+        return dict(
+            text=SDXL_TEXT, text_2=SDXL_TEXT_2, pad_token=EOS, pad_token_2="!",
+            unet=_sdxl_unet(SDXL_TEXT["hidden_size"] + SDXL_TEXT_2["hidden_size"], time_ids=6), vae=SDXL_VAE,
+            scheduler=SDXL_SCHEDULER if kind == "sdxl-tiny" else SDXL_TURBO_SCHEDULER,
+            pipeline=dict(force_zeros_for_empty_prompt=True),
+        )
+    if kind == "sdxl-refiner-tiny":
+        return dict(
+            text_2=SDXL_TEXT_2, pad_token_2="!", unet=_sdxl_unet(SDXL_TEXT_2["hidden_size"], time_ids=5),
+            vae=SDXL_VAE, scheduler=SDXL_SCHEDULER,
+            pipeline=dict(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False),
+        )
+    if kind == "sd-turbo-tiny":
+        return {**_configs("sd2-tiny"), "scheduler": SD_TURBO_SCHEDULER}
+    if kind == "lcm-tiny":
+        sd1 = _configs("sd1-tiny")
+        return {**sd1, "unet": {**sd1["unet"], "time_cond_proj_dim": 16}, "scheduler": LCM_SCHEDULER}
     if kind == "sd15":
         return dict(
             text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -98,44 +191,67 @@ def _configs(kind: str) -> dict:
     raise SystemExit(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
+def _text_encoder(cfg: dict, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                            pad_token_id=1, **cfg)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _pipeline(kind: str, cfg: dict, modules: dict, tok_dirs: dict):
+    """The diffusers pipeline object whose save_pretrained writes the checkpoint of ``kind``."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    scheduler = getattr(diffusers, cfg["scheduler"]["_class_name"]).from_config(cfg["scheduler"])
+    tokenizers = {name: CLIPTokenizer.from_pretrained(path) for name, path in tok_dirs.items()}
+    parts = dict(vae=modules["vae"], unet=modules["unet"], scheduler=scheduler)
+    if kind.startswith("sdxl"):
+        cls = diffusers.StableDiffusionXLImg2ImgPipeline if kind == "sdxl-refiner-tiny" else \
+            diffusers.StableDiffusionXLPipeline
+        return cls(text_encoder=modules.get("text_encoder"), text_encoder_2=modules["text_encoder_2"],
+                   tokenizer=tokenizers.get("tokenizer"), tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False,
+                   **parts, **cfg["pipeline"])
+    cls = diffusers.LatentConsistencyModelPipeline if kind == "lcm-tiny" else diffusers.StableDiffusionPipeline
+    return cls(text_encoder=modules["text_encoder"], tokenizer=tokenizers["tokenizer"], safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False, **parts)
+
+
 def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a random-weight checkpoint of ``kind`` to ``out_dir`` (written beside it, renamed into place)."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cfg = _configs(kind)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-        **cfg["text"])
-    text_encoder = CLIPTextModel(text_config).eval()
-    unet = UNet2DConditionModel(**cfg["unet"]).eval()
-    vae = AutoencoderKL(**cfg["vae"]).eval()
+    modules = {}
+    if "text" in cfg:
+        modules["text_encoder"] = _text_encoder(cfg["text"])
+    if "text_2" in cfg:
+        modules["text_encoder_2"] = _text_encoder(cfg["text_2"], with_projection=True)
+    modules["unet"] = UNet2DConditionModel(**cfg["unet"]).eval()
+    modules["vae"] = AutoencoderKL(**cfg["vae"]).eval()
     if kind != "sd15":
         # Random init leaves conv_out/attention-out near zero in places; perturb every parameter a little so
         # every path carries signal and parity checks measure something.
         with torch.no_grad():
-            for module in (text_encoder, unet, vae):
+            for module in modules.values():
                 for p in module.parameters():
                     p.add_(torch.randn_like(p) * 0.02)
-    tok_dir = tmp / "tokenizer"
-    write_clip_tokenizer(tok_dir, pad_token=cfg["pad_token"])
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    from diffusers import DDIMScheduler, PNDMScheduler
-
-    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[cfg["scheduler"]["_class_name"]]
-    scheduler = sched_cls.from_config(cfg["scheduler"])
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pads = {"tokenizer": cfg.get("pad_token"), "tokenizer_2": cfg.get("pad_token_2")}
+    pads = {name: pad for name, pad in pads.items() if pad is not None}
+    for name, pad in pads.items():
+        write_clip_tokenizer(tmp / name, pad_token=pad)
+    pipe = _pipeline(kind, cfg, modules, {name: tmp / name for name in pads})
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # save_pretrained rewrites the tokenizer folder; keep the files exactly as released checkpoints ship them
-    shutil.rmtree(tmp / "tokenizer")
-    write_clip_tokenizer(tmp / "tokenizer", pad_token=cfg["pad_token"])
+    # save_pretrained rewrites the tokenizer folders; keep the files exactly as released checkpoints ship them
+    for name, pad in pads.items():
+        shutil.rmtree(tmp / name)
+        write_clip_tokenizer(tmp / name, pad_token=pad)
     # and the scheduler config as the original file (diffusers adds all defaults)
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2))
     if out_dir.exists():

@@ -107,19 +107,28 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _component_inputs(m: Manifest, height: int, width: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Random inputs, of the shapes the manifest records, for each text encoder, the UNet and the VAE decoder."""
     rng = np.random.default_rng(seed)
     mn = m.model
     # random ids below the end-of-text id (CLIP's highest), which the manifest's tokenizer entry records
-    vocab = int(m.data.get("tokenizer", {}).get("eos_token_id", 49407))
+    vocab = int(m.data.get("tokenizer", m.data.get("tokenizer_2", {})).get("eos_token_id", 49407))
     lh, lw = height // mn.vae_scale_factor, width // mn.vae_scale_factor
+    sizes = {"batch": 2, "latent_height": lh, "latent_width": lw, "height": height, "width": width}
     latent = rng.standard_normal((2, mn.latent_channels, lh, lw), dtype=np.float32)
-    return {
-        "text_encoder": {"input_ids": rng.integers(0, vocab, (2, mn.text_max_length), dtype=np.int64)},
-        "unet": {"sample": latent, "timestep": np.full((2,), 500.0, np.float32),
-                 "encoder_hidden_states": rng.standard_normal((2, mn.text_max_length, mn.text_hidden_size),
-                                                              dtype=np.float32)},
-        "vae_decoder": {"latent_sample": latent[:1] / np.float32(mn.scaling_factor)},
-    }
+    size_ids = np.array([height, width, 0, 0, height, width][:len(mn.time_ids)], np.float32)  # SDXL's, no crop
+    special = {"sample": latent, "timestep": np.full((2,), 500.0, np.float32), "time_ids": np.tile(size_ids, (2, 1))}
+    inputs = {}
+    for comp in (*mn.text_encoder_components, "unet"):
+        feeds = {}
+        for spec in m.component(comp)["inputs"]:
+            name, shape = spec["name"], tuple(sizes[d] if isinstance(d, str) else d for d in spec["shape"])
+            if spec["dtype"] == "int64":
+                feeds[name] = rng.integers(0, vocab, shape, dtype=np.int64)
+            else:
+                feeds[name] = special[name] if name in special else rng.standard_normal(shape, dtype=np.float32)
+        inputs[comp] = feeds
+    inputs["vae_decoder"] = {"latent_sample": latent[:1] / np.float32(mn.scaling_factor)}
+    return inputs
 
 
 def _environment(threads: int | None) -> dict:
@@ -153,6 +162,9 @@ def _check(manifest: Manifest, settings: Settings, outputs: dict) -> None:
     from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
     s, mn = settings, manifest.model
+    if not mn.txt2img:
+        raise UserError(f"{manifest.engine_dir}: this model ({mn.family}) only refines an image; `sdrt bench` times "
+                        "txt2img")
     for what, v in (("height", s.height), ("width", s.width)):
         if v <= 0 or v % mn.size_multiple:
             raise UserError(f"--{what} {v}: must be a positive multiple of {mn.size_multiple} for this model")

@@ -51,7 +51,8 @@ class SdrtSide:
 class DiffusersSide:
     def __init__(self, path: str, device: str, threads: int | None, embeddings: list[str]):
         import torch
-        from diffusers import StableDiffusionPipeline
+
+        from sdrt.bench.reference import diffusers_pipeline
 
         from sdrt.runtime.embeddings import parse_embedding_arg
 
@@ -60,15 +61,16 @@ class DiffusersSide:
         self.torch = torch
         self.device = device
         dtype = torch.float16 if device == "cuda" else torch.float32
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+        self.pipe = diffusers_pipeline(path, dtype=dtype).to(device)  # SD, LCM or SDXL, as the checkpoint says
         self.pipe.set_progress_bar_config(disable=True)
         for spec in embeddings:  # the token as sdrt names it: the one given, else the file's stem
             file, token = parse_embedding_arg(spec)
             self.pipe.load_textual_inversion(str(file), token=token or file.stem)
         self.backend = f"diffusers {device} {str(dtype).replace('torch.', '')} (torch {torch.__version__})"
         self._times: dict[str, list[float]] = {}
-        self._hook(self.pipe.text_encoder, "text_encoder")
+        for name in ("text_encoder", "text_encoder_2"):  # SDXL's two count as one stage, as in sdrt's timings
+            if getattr(self.pipe, name, None) is not None:
+                self._hook(getattr(self.pipe, name), "text_encoder")
         self._hook(self.pipe.unet, "unet")
         vae = self.pipe.vae
         inner_decode = vae.decode
@@ -142,12 +144,16 @@ class DiffusersSide:
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
     def component(self, name: str, inputs: dict) -> dict:
-        from sdrt.export.graphs import GRAPH_IO, graph_module
+        from sdrt.export.graphs import graph_io, graph_module
 
         torch = self.torch
-        module = graph_module(name, {"text_encoder": self.pipe.text_encoder, "unet": self.pipe.unet,
-                                     "vae": self.pipe.vae})
-        inputs_names, output_names = GRAPH_IO[name]
+        pipe = self.pipe
+        numbers = {"family": "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd",
+                   "guidance_embedding_dim": pipe.unet.config.time_cond_proj_dim}
+        models = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+                  "unet": pipe.unet, "vae": pipe.vae}
+        module = graph_module(name, models, numbers)
+        inputs_names, output_names = graph_io(name, numbers)
         with torch.no_grad():
             dtype = next(module.parameters()).dtype
             args = [torch.from_numpy(inputs[n]).to(self.device) for n in inputs_names]

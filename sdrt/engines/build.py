@@ -10,7 +10,10 @@ Through Polygraphy's loaders (``NetworkFromOnnxPath`` -> ``PostprocessNetwork`` 
 3. fp16 is tried in tiers, each kept only if it passes :mod:`sdrt.engines.parity` against ONNX Runtime
    fp32: plain fp16 (TensorRT's fused attention already keeps softmax statistics in fp32), then fp16 with
    softmax / normalization / reduction layers pinned to fp32, then fp32 (``fallback_fp32``). A VAE whose
-   config says ``force_upcast`` starts at fp32, as diffusers runs it;
+   config says ``force_upcast`` in an SDXL model (whose VAE overflows in fp16) is built in fp32, as
+   diffusers' SDXL pipelines run it,
+   and its entry says why (``fp32_reason``); an fp16-safe VAE exported in its place (its config says
+   ``force_upcast: false``, the manifest's ``model.force_upcast`` records which) goes through the fp16 tiers;
 4. the plan is written into ``trt/.tmp-<key>-<pid>/`` and renamed to ``trt/<key>/``; the manifest gets the
    entry and is saved atomically after each component, so an interrupted build keeps finished work.
 """
@@ -36,6 +39,8 @@ TRT_DIR = "trt"
 # Tiers tried for an fp16 request: (precision the builder uses, which layers are pinned to fp32).
 FP16_TIERS = (("fp16", "none"), ("fp16", "sensitive"), ("fp32", "all"))
 FP32_TIERS = (("fp32", "all"),)
+VAE_FP32_REASON = ("force_upcast: this VAE overflows in fp16 (SDXL's does); export an fp16-safe VAE "
+                   "(force_upcast: false in its config) to build it in fp16")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class BuildJob:
     key: str
     cached: bool
     tiers: tuple = field(default_factory=tuple)
+    fp32_reason: str | None = None  # why an fp16 request builds fp32 only
 
 
 def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components: list[str],
@@ -63,9 +69,14 @@ def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components:
         cached = entry is not None and stale_reason(
             entry, manifest.engine_dir, spec["sha256"], tensorrt_version, compute_capability) is None
         tiers = FP32_TIERS if precision == "fp32" else FP16_TIERS
-        if precision == "fp16" and comp.startswith("vae") and model.get("force_upcast"):
+        reason = None
+        # diffusers reads force_upcast in its SDXL pipelines only (SD1/SD2 VAEs run in fp16 there; the
+        # parity gate still catches one that overflows)
+        if precision == "fp16" and comp.startswith("vae") and model.get("force_upcast") \
+                and model.get("family", "sd") != "sd":
             tiers = FP32_TIERS
-        jobs.append(BuildJob(comp, precision, profiles, key, cached, tiers))
+            reason = VAE_FP32_REASON
+        jobs.append(BuildJob(comp, precision, profiles, key, cached, tiers, reason))
     return jobs
 
 
@@ -285,6 +296,7 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
             "parity": verdict.to_dict() if verdict else None,
             "fallback_fp32": built_with[0] != job.precision,
             "fp32_layers": built_with[1],
+            "fp32_reason": job.fp32_reason,
         }
         write_plan(manifest.engine_dir, job.key, job.component, plan, info=entry)
         record_entry(manifest, job.component, entry)

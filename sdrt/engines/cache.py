@@ -1,68 +1,7 @@
-"""Engine cache keys and staleness.
-
-A plan is valid for exactly one ONNX graph, precision, set of optimization profiles, TensorRT version and
-GPU compute capability, so the cache key hashes all five and nothing else (not the file's existence, not
-its name). The runtime recomputes the key from what it sees (the manifest's current ONNX sha256, the
-running TensorRT, the GPU) and refuses an entry whose key differs: a stale plan is detected, never used.
-"""
+"""Engine cache keys and staleness: the runtime's (:mod:`sdrt.runtime.engine_cache`), which `sdrt build` shares."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Mapping
+from sdrt.runtime.engine_cache import KEY_FORMAT, KEY_LENGTH, cache_key, entry_key, find_entry, stale_reason
 
-KEY_FORMAT = 1
-KEY_LENGTH = 16  # hex digits in folder names; collisions at 64 bits are not a concern for one directory
-
-
-def cache_key(onnx_sha256: str, precision: str, profiles: list, tensorrt_version: str,
-              compute_capability: str) -> str:
-    """The key of a plan (hex). ``profiles`` is the JSON form: ``[{input: {"min", "opt", "max"}}]``."""
-    payload = {
-        "key_format": KEY_FORMAT,
-        "onnx_sha256": onnx_sha256,
-        "precision": precision,
-        "profiles": [{name: {k: [int(x) for x in s[k]] for k in ("min", "opt", "max")}
-                      for name, s in sorted(p.items())} for p in profiles],
-        "tensorrt_version": str(tensorrt_version),
-        "compute_capability": str(compute_capability),
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
-
-def entry_key(entry: Mapping[str, Any], onnx_sha256: str) -> str:
-    """The key ``entry`` should have if its plan was built from the graph with ``onnx_sha256``."""
-    return cache_key(onnx_sha256, entry["precision"], entry["profiles"], entry["tensorrt_version"],
-                     entry["compute_capability"])
-
-
-def stale_reason(entry: Mapping[str, Any], engine_dir: Path, onnx_sha256: str, tensorrt_version: str,
-                 compute_capability: str) -> str | None:
-    """Why ``entry`` cannot be used here, or None if it can."""
-    if entry.get("tensorrt_version") != str(tensorrt_version):
-        return f"built with TensorRT {entry.get('tensorrt_version')}, running {tensorrt_version}"
-    if entry.get("compute_capability") != str(compute_capability):
-        return (f"built for compute capability {entry.get('compute_capability')} "
-                f"({entry.get('gpu_name', '?')}), this GPU is {compute_capability}")
-    try:
-        expected = entry_key(entry, onnx_sha256)
-    except (KeyError, TypeError, ValueError):
-        return "malformed engine entry"
-    if entry.get("key") != expected:
-        return "the ONNX graph changed since the plan was built (cache key mismatch)"
-    plan = Path(engine_dir) / entry.get("plan", "")
-    if not plan.is_file():
-        return f"plan file {entry.get('plan')} is missing"
-    if entry.get("size_bytes") is not None and plan.stat().st_size != entry["size_bytes"]:
-        return f"plan file {entry.get('plan')} is {plan.stat().st_size} bytes, manifest says {entry['size_bytes']}"
-    return None
-
-
-def find_entry(entries: list[Mapping[str, Any]], key: str) -> Mapping[str, Any] | None:
-    for e in entries:
-        if e.get("key") == key:
-            return e
-    return None
+__all__ = ["KEY_FORMAT", "KEY_LENGTH", "cache_key", "entry_key", "find_entry", "stale_reason"]

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-REL_L2_LIMIT = {"text_encoder": 0.05, "unet": 0.05, "vae_decoder": 0.05, "vae_encoder": 0.05}
+REL_L2_LIMIT = {"text_encoder": 0.05, "text_encoder_2": 0.05, "unet": 0.05, "vae_decoder": 0.05, "vae_encoder": 0.05}
+TIME_ID_RANGE = (0, 1024)  # SDXL's time ids: sizes and crops in pixels (and an aesthetic score below that)
 TIMESTEP_RANGE = (0.0, 1000.0)
 DEFAULT_TOKEN_RANGE = 256  # the byte-level tokens every CLIP vocabulary has, unless the manifest says more
 
@@ -30,7 +31,8 @@ class Verdict:
 
 def random_feeds(inputs: list[Mapping[str, Any]], shapes: Mapping[str, list[int]], model: Mapping[str, Any],
                  seed: int = 0) -> dict[str, np.ndarray]:
-    """Plausible random inputs: token ids within the vocabulary, timesteps in the training range, N(0, 1) else."""
+    """Plausible random inputs: token ids within the vocabulary, timesteps in the training range, SDXL's time
+    ids as pixel sizes, N(0, 1) else."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
@@ -39,6 +41,8 @@ def random_feeds(inputs: list[Mapping[str, Any]], shapes: Mapping[str, list[int]
             feeds[name] = rng.integers(0, int(model.get("vocab_size", DEFAULT_TOKEN_RANGE)), size=shape).astype(dtype)
         elif name == "timestep":
             feeds[name] = rng.uniform(*TIMESTEP_RANGE, size=shape).astype(dtype)
+        elif name == "time_ids":
+            feeds[name] = rng.integers(*TIME_ID_RANGE, size=shape).astype(dtype)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds

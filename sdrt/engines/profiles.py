@@ -6,11 +6,14 @@ component's input shapes follow from the manifest's symbolic dims and model numb
 * ``batch`` is the image batch for the VAE. Under classifier-free guidance the pipeline runs the UNet on the
   unconditional and conditional halves at once, so the UNet's batch range is (min, 2*opt, 2*max), which
   still accepts an unguided batch.
-* The text encoder sees prompts plus negative prompts (one per prompt, not per image), each as its number of
-  prompt chunks (sdrt.runtime.prompts), so its batch range is (1, opt * chunks opt, 2 * max * chunks max), in
-  static mode too: it runs once per request and its cost is small.
+* A text encoder (SDXL's two alike) sees prompts plus negative prompts (one per prompt, not per image), each
+  as its number of prompt chunks (sdrt.runtime.prompts), so its batch range is (1, opt * chunks opt,
+  2 * max * chunks max), in static mode too: it runs once per request and its cost is small.
 * ``sequence`` (the UNet's text tokens) is text_max_length times the prompt chunks, 1:1:3 by default: prompts
   of up to 225 tokens (SD1.5). Static mode builds OPT chunks only.
+* Every other input with a ``batch`` dimension follows its component's batch: SDXL's UNet ``text_embeds``
+  and ``time_ids`` and an LCM UNet's ``timestep_cond`` are per sample, like ``sample``; their other
+  dimensions are fixed numbers from the manifest.
 * ``height``/``width`` are pixels; ``latent_height``/``latent_width`` are pixels / vae_scale_factor.
 * Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
   and 2N (guided).
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from sdrt.errors import UserError
+from sdrt.runtime.engine_cache import describe_profile, is_static, profile_fits  # noqa: F401 (re-exported)
 
 # How many times the largest image batch (UNet) or prompt batch (text encoder) a component may see.
 GUIDED_BATCH_FACTOR = {"unet": 2, "text_encoder": 2}
@@ -132,7 +136,7 @@ def make_request(model: Mapping[str, Any], batch=(1, 1, 4), height=None, width=N
 
 def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
     b, c = req.batch, req.chunks
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         return [Range(1, b.opt * c.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max * c.max)]
     factor = GUIDED_BATCH_FACTOR.get(component, 1)
     if factor == 1:
@@ -176,25 +180,3 @@ def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], mode
             profile[spec["name"]] = dims
         profiles.append(profile)
     return profiles
-
-
-def is_static(profiles: list[dict[str, dict[str, list[int]]]]) -> bool:
-    return all(s["min"] == s["opt"] == s["max"] for p in profiles for s in p.values())
-
-
-def profile_fits(profile: Mapping[str, Mapping[str, list[int]]], shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """Whether every input shape lies within the profile's min..max, dimension by dimension."""
-    for name, shape in shapes.items():
-        s = profile.get(name)
-        if s is None or len(s["min"]) != len(shape):
-            return False
-        if any(not lo <= d <= hi for d, lo, hi in zip(shape, s["min"], s["max"])):
-            return False
-    return True
-
-
-def describe_profile(profile: Mapping[str, Mapping[str, list[int]]]) -> str:
-    """``sample [1,4,32,32]..[8,4,128,128]; timestep ...`` for error messages."""
-    def fmt(v):
-        return "[" + ",".join(str(x) for x in v) + "]"
-    return "; ".join(f"{n} {fmt(s['min'])}..{fmt(s['max'])}" for n, s in profile.items())

@@ -15,9 +15,17 @@ from typing import Any
 from sdrt.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
-REQUIRED_FOLDERS = ("text_encoder", "unet", "vae", "tokenizer", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentConsistencyModelPipeline",
+                       "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# family -> the text encoders (component, tokenizer folder) it has, in the order their outputs are concatenated
+TEXT_ENCODERS = {
+    "sd": (("text_encoder", "tokenizer"),),
+    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+    "sdxl-refiner": (("text_encoder_2", "tokenizer_2"),),
+}
+# SDXL's added time ids, in the order diffusers' _get_add_time_ids lists them
+TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+TIME_IDS_AESTHETIC = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -35,11 +43,20 @@ class Checkpoint:
 
     path: Path
     model_index: dict[str, Any]
-    text_config: dict[str, Any]
+    family: str                      # "sd" (SD1/SD2, their Turbo and LCM forms), "sdxl", "sdxl-refiner"
+    text_configs: dict[str, dict]    # text encoder component -> its config
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]
-    tokenizer_config: dict[str, Any]
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The first text encoder's config (the only one of SD1/SD2)."""
+        return next(iter(self.text_configs.values()))
+
+    @property
+    def text_encoders(self) -> tuple[tuple[str, str], ...]:
+        return TEXT_ENCODERS[self.family]
 
     @classmethod
     def open(cls, model_dir: str | Path, allow_pickle: bool = False) -> "Checkpoint":
@@ -52,44 +69,50 @@ class Checkpoint:
                 f"{str(path)!r} is not a diffusers checkpoint: model_index.json is missing "
                 "(single-file .ckpt/.safetensors checkpoints are not supported; convert with diffusers first)")
         index = _read_json(index_path)
-        cls._refuse_unsupported(path, index)
-        missing = [c for c in REQUIRED_FOLDERS if not (path / c).is_dir()]
+        family = cls._family(path, index)
+        text_encoders = TEXT_ENCODERS[family]
+        folders = [f for pair in text_encoders for f in pair] + ["unet", "vae", "scheduler"]
+        missing = [c for c in folders if not (path / c).is_dir()]
         if missing:
             raise UserError(f"{path}: component folder(s) missing: {', '.join(missing)}")
-        for comp in WEIGHT_COMPONENTS:
+        for comp in [c for c, _ in text_encoders] + ["unet", "vae"]:
             check_weights(path / comp, allow_pickle)
-        sched_path = path / "scheduler" / "scheduler_config.json"
-        tok_cfg_path = path / "tokenizer" / "tokenizer_config.json"
         ckpt = cls(
             path=path,
             model_index=index,
-            text_config=_read_json(path / "text_encoder" / "config.json"),
+            family=family,
+            text_configs={c: _read_json(path / c / "config.json") for c, _ in text_encoders},
             unet_config=_read_json(path / "unet" / "config.json"),
             vae_config=_read_json(path / "vae" / "config.json"),
-            scheduler_config=_read_json(sched_path),
-            tokenizer_config=_read_json(tok_cfg_path) if tok_cfg_path.is_file() else {},
+            scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
         )
         ckpt._refuse_unsupported_unet()
         return ckpt
 
     @staticmethod
-    def _refuse_unsupported(path: Path, index: dict[str, Any]) -> None:
+    def _family(path: Path, index: dict[str, Any]) -> str:
         cls_name = index.get("_class_name", "")
-        if "text_encoder_2" in index or "XL" in cls_name:
-            raise UserError(
-                f"{path}: {cls_name or 'this pipeline'} has a second text encoder (SDXL), which is not supported yet; "
-                "supported: SD1.x and SD2.x (StableDiffusionPipeline)")
         if cls_name and cls_name not in SUPPORTED_PIPELINES:
             raise UserError(
                 f"{path}: pipeline class {cls_name!r} is not supported; supported: {', '.join(SUPPORTED_PIPELINES)}")
 
+        def present(name: str) -> bool:  # model_index lists an absent component as [null, null]
+            entry = index.get(name)
+            return isinstance(entry, list) and any(entry)
+
+        if not present("text_encoder_2"):
+            return "sd"
+        return "sdxl" if present("text_encoder") else "sdxl-refiner"
+
     def _refuse_unsupported_unet(self) -> None:
         u, v = self.unet_config, self.vae_config
-        if u.get("addition_embed_type"):
+        wanted = "text_time" if self.family != "sd" else None
+        if u.get("addition_embed_type") != wanted:
             raise UserError(
-                f"{self.path}/unet: addition_embed_type={u['addition_embed_type']!r} (SDXL-style conditioning) is not supported yet")
-        if u.get("time_cond_proj_dim"):
-            raise UserError(f"{self.path}/unet: time_cond_proj_dim (guidance-distilled UNet) is not supported yet")
+                f"{self.path}/unet: addition_embed_type={u.get('addition_embed_type')!r} with "
+                f"{self.model_index.get('_class_name')}: supported is {wanted!r} (SDXL's text_time conditioning)")
+        if v.get("latents_mean") is not None or v.get("latents_std") is not None:
+            raise UserError(f"{self.path}/vae: latents_mean/latents_std (a normalized latent space) is not supported yet")
         latent = v.get("latent_channels", 4)
         if u.get("in_channels", 4) != latent:
             raise UserError(
@@ -104,7 +127,8 @@ class Checkpoint:
         """sha256 over the configs (pipeline index, text encoder, UNet, VAE, scheduler): the manifest records it as
         ``source.config_sha256``, and `sdrt bench --reference` compares it to tell the source checkpoint."""
         h = hashlib.sha256()
-        for cfg in (self.model_index, self.text_config, self.unet_config, self.vae_config, self.scheduler_config):
+        for cfg in (self.model_index, *self.text_configs.values(), self.unet_config, self.vae_config,
+                    self.scheduler_config):
             h.update(json.dumps(cfg, sort_keys=True).encode())
         return h.hexdigest()
 
@@ -114,21 +138,34 @@ class Checkpoint:
         return 2 ** (len(self.unet_config.get("block_out_channels", [320, 640, 1280, 1280])) - 1)
 
     # ---- the model's numbers -----------------------------------------------------------------------------
-    def model_numbers(self, tokenizer: dict[str, Any]) -> dict[str, Any]:
-        """Every number the runtime needs, read from the configs (never assumed)."""
-        u, v, t, s = self.unet_config, self.vae_config, self.text_config, self.scheduler_config
+    def model_numbers(self, tokenizers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Every number the runtime needs, read from the configs (never assumed).
+
+        ``tokenizers``: tokenizer folder -> the numbers ``export_tokenizer`` returned for it.
+        """
+        u, v, s = self.unet_config, self.vae_config, self.scheduler_config
         vae_scale_factor = 2 ** (len(v.get("block_out_channels", [64])) - 1)
         sample_size = int(u.get("sample_size", 64))
-        hidden = int(t["hidden_size"])
+        encoders = []
+        for comp, tok_name in self.text_encoders:
+            t, tok = self.text_configs[comp], tokenizers[tok_name]
+            if tok["max_length"] > int(t.get("max_position_embeddings", 77)):
+                raise UserError(
+                    f"{self.path}/{tok_name}: model_max_length {tok['max_length']} exceeds {comp}'s "
+                    f"max_position_embeddings {t.get('max_position_embeddings')}")
+            encoders.append({"component": comp, "tokenizer": tok_name, "hidden_size": int(t["hidden_size"]),
+                             "max_length": tok["max_length"], "pad_token": tok["pad_token"],
+                             "pad_token_id": tok["pad_token_id"]})
+        lengths = {e["max_length"] for e in encoders}
+        if len(lengths) > 1:
+            raise UserError(f"{self.path}: the tokenizers' model_max_length differ ({sorted(lengths)}); "
+                            "their hidden states are concatenated, so they must be equal")
+        hidden = sum(e["hidden_size"] for e in encoders)
         if u.get("cross_attention_dim", hidden) != hidden:
             raise UserError(
-                f"{self.path}: text encoder hidden_size {hidden} != unet cross_attention_dim {u.get('cross_attention_dim')}")
-        max_length = int(tokenizer["max_length"])
-        if max_length > int(t.get("max_position_embeddings", 77)):
-            raise UserError(
-                f"{self.path}: tokenizer model_max_length {max_length} exceeds the text encoder's "
-                f"max_position_embeddings {t.get('max_position_embeddings')}")
-        return {
+                f"{self.path}: text encoder hidden size {hidden} != unet cross_attention_dim {u.get('cross_attention_dim')}")
+        first = encoders[0]
+        numbers = {
             "latent_channels": int(v.get("latent_channels", 4)),
             "vae_scale_factor": vae_scale_factor,
             "scaling_factor": float(v.get("scaling_factor", 0.18215)),
@@ -141,11 +178,46 @@ class Checkpoint:
             "size_multiple": vae_scale_factor,
             "image_channels": int(v.get("in_channels", 3)),
             "text_hidden_size": hidden,
-            "text_max_length": max_length,
-            "pad_token": tokenizer["pad_token"],
-            "pad_token_id": int(tokenizer["pad_token_id"]),
+            "text_max_length": first["max_length"],
+            "pad_token": first["pad_token"],
+            "pad_token_id": first["pad_token_id"],
             "prediction_type": s.get("prediction_type", "epsilon"),
             "scheduler_class": s.get("_class_name", ""),
+            "family": self.family,
+            "txt2img": self.family != "sdxl-refiner",
+            # diffusers' flag for a VAE that overflows in fp16 (SDXL's): TensorRT builds it in fp32
+            "force_upcast": bool(v.get("force_upcast", True)),
+            # an LCM-distilled UNet: guidance goes into this embedding (timestep_cond), not a second UNet pass
+            "guidance_embedding_dim": (int(u["time_cond_proj_dim"]) if u.get("time_cond_proj_dim") else None),
+        }
+        if self.family != "sd":
+            numbers.update(self._sdxl_numbers(encoders))
+        return numbers
+
+    def _sdxl_numbers(self, encoders: list[dict]) -> dict[str, Any]:
+        """SDXL: both encoders, the pooled embedding's width and the added time ids' layout."""
+        u = self.unet_config
+        pooled = self.text_configs["text_encoder_2"]
+        projection = int(pooled.get("projection_dim", pooled["hidden_size"]))
+        for e in encoders:
+            e["output"] = "penultimate_hidden_state"  # SDXL reads hidden_states[-2], without the final norm
+        encoders[-1]["pooled"] = "text_embeds"
+        encoders[-1]["projection_dim"] = projection
+        aesthetic = bool(self.model_index.get("requires_aesthetics_score", False))
+        time_ids = TIME_IDS_AESTHETIC if aesthetic else TIME_IDS
+        embed_dim = int(u.get("addition_time_embed_dim") or 0)
+        expected = u.get("projection_class_embeddings_input_dim")
+        if embed_dim * len(time_ids) + projection != expected:
+            raise UserError(
+                f"{self.path}/unet: projection_class_embeddings_input_dim={expected} but {len(time_ids)} time ids x "
+                f"addition_time_embed_dim {embed_dim} + text_encoder_2 projection_dim {projection} = "
+                f"{embed_dim * len(time_ids) + projection} (requires_aesthetics_score={aesthetic} in model_index.json)")
+        return {
+            "text_encoders": encoders,
+            "pooled_dim": projection,
+            "time_ids": list(time_ids),
+            # None negative prompts become zeros instead of the encoded empty string (diffusers' flag)
+            "force_zeros_for_empty_prompt": bool(self.model_index.get("force_zeros_for_empty_prompt", True)),
         }
 
 

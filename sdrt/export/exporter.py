@@ -22,14 +22,16 @@ VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU pr
 LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
 
 
-def parse_components(text: str | Sequence[str] | None) -> list[str]:
+def parse_components(text: str | Sequence[str] | None, available: Sequence[str] = COMPONENTS) -> list[str]:
+    """The components to export, in the manifest's order; ``available``: those the checkpoint has."""
+    available = [c for c in COMPONENTS if c in available]
     if text is None:
-        return list(COMPONENTS)
+        return available
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    bad = [n for n in names if n not in COMPONENTS]
+    bad = [n for n in names if n not in available]
     if bad or not names:
-        raise UserError(f"--components {','.join(bad) or text!r}: choose from {', '.join(COMPONENTS)}")
-    return [c for c in COMPONENTS if c in names]
+        raise UserError(f"--components {','.join(bad) or text!r}: choose from {', '.join(available)}")
+    return [c for c in available if c in names]
 
 
 def _require_torch():
@@ -45,9 +47,10 @@ def _require_torch():
 def _load_source(ckpt, source: str, allow_pickle: bool):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    cls = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
+    cls = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
+           "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
     kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": torch.float32}
     try:
         return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
@@ -101,7 +104,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     from sdrt.export.checkpoint import Checkpoint
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    comps = parse_components(components)
+    parse_components(components)  # a name no checkpoint has is refused before the checkpoint is read
     if not 14 <= opset <= 20:
         raise UserError(f"--opset {opset}: choose an opset from 14 to 20 (attention needs 14 or newer)")
     engine_dir = Path(engine_dir)
@@ -111,11 +114,12 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     if engine_dir.exists() and not force:
         raise UserError(f"{engine_dir} already exists; pass --force to replace it")
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    comps = parse_components(components, [c for c, _ in ckpt.text_encoders] + ["unet", "vae_decoder", "vae_encoder"])
     _require_torch()
 
     import torch
 
-    from sdrt.export.graphs import WRAPPERS, example_inputs, export_graph, graph_specs
+    from sdrt.export.graphs import SOURCES, example_inputs, export_graph, graph_specs
     from sdrt.export.parity import check_parity
     from sdrt.export.rewrites import split_geglu
     from sdrt.export.tokenizer import export_tokenizer
@@ -126,8 +130,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tok = export_tokenizer(ckpt.path, tmp / "tokenizer")
-        numbers = ckpt.model_numbers(tok)
+        toks = {name: export_tokenizer(ckpt.path, tmp / name, name) for _, name in ckpt.text_encoders}
+        numbers = ckpt.model_numbers(toks)
         (tmp / "scheduler").mkdir()
         shutil.copy2(ckpt.path / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
         specs = graph_specs(numbers)
@@ -138,7 +142,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         bar = _progress(comps, progress)
         for comp in bar:
             t0 = time.perf_counter()
-            source = WRAPPERS[comp][1]
+            source = SOURCES[comp]
             if source not in loaded:
                 loaded.clear()
                 gc.collect()
@@ -186,7 +190,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": {"path": str(ckpt.path.resolve()), "pipeline_class": ckpt.model_index.get("_class_name"),
                        "config_sha256": ckpt.config_sha256()},
-            "model": numbers, "tokenizer": tok, "components": entries, "tools": _tool_versions(opset),
+            "model": numbers, **toks, "components": entries, "tools": _tool_versions(opset),
             "engines": {},
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)

@@ -1,4 +1,4 @@
-"""The four graphs: torch wrappers with the engine directory's input/output names, traced to ONNX.
+"""The graphs (text encoders, UNet, VAE decoder and encoder): torch wrappers with the engine directory's input/output names, traced to ONNX.
 
 Names and dynamic axes are a contract (ARCHITECTURE.md): every backend and `sdrt build` rely on them.
 """
@@ -29,13 +29,35 @@ class TextEncoderGraph(torch.nn.Module):
         return out[0], out[1]
 
 
+class PenultimateTextEncoderGraph(torch.nn.Module):
+    """SDXL's reading of a CLIP text encoder: the penultimate hidden state (``hidden_states[-2]``, before the
+    last layer and the final norm) and, from the encoder with a projection, the pooled projected embedding."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[-2]
+        return (hidden, out.text_embeds) if self.pooled else hidden
+
+
 class UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
+    """The UNet; ``extra`` names the conditioning inputs after the first three, in order: SDXL's added
+    conditioning (``text_embeds``, ``time_ids``) and an LCM UNet's guidance embedding (``timestep_cond``)."""
+
+    def __init__(self, unet, extra: tuple[str, ...] = ()):
         super().__init__()
         self.unet = unet
+        self.extra = tuple(extra)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        kw = dict(zip(self.extra, extra))
+        added = {k: kw[k] for k in ("text_embeds", "time_ids") if k in kw} or None
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=kw.get("timestep_cond"),
+                         added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -63,26 +85,42 @@ class VaeEncoderGraph(torch.nn.Module):
         return h
 
 
-# component -> (wrapper class, the diffusers/transformers model it wraps)
-WRAPPERS = {
-    "text_encoder": (TextEncoderGraph, "text_encoder"),
-    "unet": (UNetGraph, "unet"),
-    "vae_decoder": (VaeDecoderGraph, "vae"),
-    "vae_encoder": (VaeEncoderGraph, "vae"),
-}
-# component -> (input names, output names): the engine directory's contract
-GRAPH_IO = {
-    "text_encoder": (("input_ids",), ("last_hidden_state", "pooler_output")),
-    "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
-    "vae_decoder": (("latent_sample",), ("sample",)),
-    "vae_encoder": (("sample",), ("latent_parameters",)),
-}
+# component -> the diffusers/transformers model it wraps
+SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+           "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
-def graph_module(component: str, models: dict) -> torch.nn.Module:
-    """The traced module of ``component``, wrapping ``models`` ({"text_encoder", "unet", "vae"} -> module)."""
-    cls, source = WRAPPERS[component]
-    return cls(models[source])
+def unet_extra_inputs(numbers: dict) -> tuple[str, ...]:
+    """The UNet's inputs after sample, timestep, encoder_hidden_states, for this model."""
+    extra = ("text_embeds", "time_ids") if numbers.get("family", "sd") != "sd" else ()
+    return extra + (("timestep_cond",) if numbers.get("guidance_embedding_dim") else ())
+
+
+def graph_io(component: str, numbers: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names, output names) of ``component``: the engine directory's contract."""
+    xl = numbers.get("family", "sd") != "sd"
+    if component.startswith("text_encoder"):
+        if not xl:
+            return ("input_ids",), ("last_hidden_state", "pooler_output")
+        pooled = component == "text_encoder_2"
+        return ("input_ids",), ("penultimate_hidden_state",) + (("text_embeds",) if pooled else ())
+    return {
+        "unet": (("sample", "timestep", "encoder_hidden_states") + unet_extra_inputs(numbers), ("out_sample",)),
+        "vae_decoder": (("latent_sample",), ("sample",)),
+        "vae_encoder": (("sample",), ("latent_parameters",)),
+    }[component]
+
+
+def graph_module(component: str, models: dict, numbers: dict) -> torch.nn.Module:
+    """The traced module of ``component``, wrapping ``models`` (SOURCES' values -> module)."""
+    model = models[SOURCES[component]]
+    if component.startswith("text_encoder"):
+        if numbers.get("family", "sd") == "sd":
+            return TextEncoderGraph(model)
+        return PenultimateTextEncoderGraph(model, pooled=component == "text_encoder_2")
+    if component == "unet":
+        return UNetGraph(model, unet_extra_inputs(numbers))
+    return {"vae_decoder": VaeDecoderGraph, "vae_encoder": VaeEncoderGraph}[component](model)
 
 
 @dataclass(frozen=True)
@@ -99,32 +137,47 @@ class GraphSpec:
                 for name, _, shape in self.inputs + self.outputs}
 
 
-def graph_specs(numbers: dict) -> dict[str, GraphSpec]:
-    """The IO contract of each component, with the model's own numbers filled in."""
+def _text_encoder_widths(numbers: dict) -> dict[str, dict]:
+    encoders = numbers.get("text_encoders") or [{"component": "text_encoder", "hidden_size": numbers["text_hidden_size"]}]
+    return {e["component"]: e for e in encoders}
+
+
+def graph_specs(numbers: dict, components=None) -> dict[str, GraphSpec]:
+    """The IO contract of each component (those the model has), with the model's own numbers filled in."""
     c = numbers["latent_channels"]
     L = numbers["text_max_length"]
-    hidden = numbers["text_hidden_size"]
     img_c = numbers["image_channels"]
     f32, i64 = "float32", "int64"
     latent = ("batch", c, "latent_height", "latent_width")
-    shapes = {
-        "text_encoder": ((i64, ("batch", L)),
-                         (f32, ("batch", L, hidden)), (f32, ("batch", hidden))),
+    shapes = {  # name -> (dtype, shape)
+        "sample": (f32, latent), "timestep": (f32, ("batch",)),
         # the UNet reads the text of k prompt chunks, L * k tokens (sdrt.runtime.prompts)
-        "unet": ((f32, latent), (f32, ("batch",)), (f32, ("batch", "sequence", hidden)),
-                 (f32, latent)),
-        "vae_decoder": ((f32, latent),
-                        (f32, ("batch", img_c, "height", "width"))),
-        "vae_encoder": ((f32, ("batch", img_c, "height", "width")),
-                        (f32, ("batch", 2 * c, "latent_height", "latent_width"))),
+        "encoder_hidden_states": (f32, ("batch", "sequence", numbers["text_hidden_size"])),
+        "text_embeds": (f32, ("batch", numbers.get("pooled_dim"))),
+        "time_ids": (f32, ("batch", len(numbers.get("time_ids") or ()))),
+        "timestep_cond": (f32, ("batch", numbers.get("guidance_embedding_dim"))),
+        "out_sample": (f32, latent), "latent_sample": (f32, latent),
+        "input_ids": (i64, ("batch", L)),
     }
+    image = (f32, ("batch", img_c, "height", "width"))
     specs = {}
-    for comp, (ins, outs) in GRAPH_IO.items():
-        typed = shapes[comp]
+    encoders = _text_encoder_widths(numbers)
+    for comp in list(encoders) + ["unet", "vae_decoder", "vae_encoder"]:
+        ins, outs = graph_io(comp, numbers)
+        local = dict(shapes)
+        if comp in encoders:
+            width = encoders[comp]["hidden_size"]
+            local.update({"last_hidden_state": (f32, ("batch", L, width)),
+                          "penultimate_hidden_state": (f32, ("batch", L, width)),
+                          "pooler_output": (f32, ("batch", width)),
+                          "text_embeds": (f32, ("batch", encoders[comp].get("projection_dim")))})
+        elif comp == "vae_decoder":
+            local["sample"] = image
+        elif comp == "vae_encoder":
+            local.update(sample=image, latent_parameters=(f32, ("batch", 2 * c, "latent_height", "latent_width")))
         specs[comp] = GraphSpec(
-            comp, lambda m, comp=comp: graph_module(comp, m),
-            inputs=tuple((n, *typed[i]) for i, n in enumerate(ins)),
-            outputs=tuple((n, *typed[len(ins) + i]) for i, n in enumerate(outs)))
+            comp, lambda m, comp=comp: graph_module(comp, m, numbers),
+            inputs=tuple((n, *local[n]) for n in ins), outputs=tuple((n, *local[n]) for n in outs))
     return specs
 
 
@@ -140,6 +193,8 @@ def example_inputs(spec: GraphSpec, numbers: dict, batch: int, latent_h: int, la
         shp = tuple(sizes[d] if isinstance(d, str) else d for d in shape)
         if dtype == "int64":
             out[name] = torch.randint(0, vocab_size, shp, generator=g, dtype=torch.int64)
+        elif name == "time_ids":  # sizes and crops in pixels (an aesthetic score is within that range too)
+            out[name] = torch.randint(0, 1024, shp, generator=g).to(torch.float32)
         elif name == "timestep":
             out[name] = torch.randint(0, 1000, shp, generator=g).to(torch.float32)
         elif name == "sample" and spec.name == "vae_encoder":

@@ -26,17 +26,18 @@ PROBE_PROMPTS = (
 )
 
 
-def export_tokenizer(model_dir: Path, out_dir: Path) -> dict:
-    """Copy ``model_dir/tokenizer`` to ``out_dir``, add ``tokenizer.json``; return the manifest's tokenizer numbers.
+def export_tokenizer(model_dir: Path, out_dir: Path, folder: str = "tokenizer") -> dict:
+    """Copy ``model_dir/folder`` (SDXL's second: ``tokenizer_2``) to ``out_dir``, add ``tokenizer.json``; return
+    the manifest's tokenizer numbers.
 
     Returns ``{"max_length", "pad_token", "pad_token_id", "bos_token_id", "eos_token_id"}``: the runtime pads
     with ``pad_token_id`` (SD1 pads with ``<|endoftext|>``, SD2 with ``"!"``), so it must not guess it.
     """
     from transformers import CLIPTokenizer as HFCLIPTokenizer  # build-time only
 
-    source = Path(model_dir) / "tokenizer"
+    source = Path(model_dir) / folder
     if not source.is_dir():
-        raise UserError(f"{source} is missing: a diffusers checkpoint needs a tokenizer/ folder (vocab.json, merges.txt)")
+        raise UserError(f"{source} is missing: a diffusers checkpoint needs a {source.name}/ folder (vocab.json, merges.txt)")
     missing = [name for name in ("vocab.json", "merges.txt") if not (source / name).is_file()]
     if missing and not (source / "tokenizer.json").is_file():
         raise UserError(f"{source} lacks {', '.join(missing)}: cannot build the CLIP tokenizer")

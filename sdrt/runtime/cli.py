@@ -91,15 +91,22 @@ def add_generate(sub) -> None:
     from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
     p = sub.add_parser("generate", help="generate images from an engine directory (txt2img, img2img)",
-                       description="Generate images with the torch-free runtime. Seeds mean what they mean in "
-                                   "diffusers with a CPU torch.Generator.")
+                       description="Generate images with the torch-free runtime (SD1.x, SD2.x, SDXL base and "
+                                   "refiner, SD-Turbo, SDXL-Turbo, LCM). Seeds mean what they mean in diffusers "
+                                   "with a CPU torch.Generator. An SDXL refiner only refines: give --init-image.")
     p.add_argument("engine_dir", metavar="ENGINE_DIR")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("-o", "--output", default="out.png",
                    help="PNG to write (default out.png); with --num-images N: OUT-0.png ... OUT-{N-1}.png")
-    p.add_argument("--negative-prompt", default=None, metavar="TEXT")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; <=1 disables)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="what to steer away from (used only with guidance > 1; without it an SDXL model whose "
+                        "checkpoint says force_zeros_for_empty_prompt conditions on zeros)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="denoising steps (default 50; few-step models: 1-4, e.g. SD-Turbo and SDXL-Turbo, LCM)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale (default 7.5). <= 1 disables it: one UNet pass per step "
+                        "instead of two (Turbo models: --guidance 0). An LCM-distilled model takes it as an input "
+                        "(its guidance embedding), with one pass per step at any value")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     p.add_argument("--scheduler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")

@@ -14,10 +14,27 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "size_multiple": int,         # heights/widths must be multiples of this; export writes vae_scale_factor
                                       # (the UNet graph takes every latent size, as diffusers does)
         "image_channels": int,        # vae in_channels / out_channels
-        "text_hidden_size": int, "text_max_length": int,
-        "pad_token": str, "pad_token_id": int,
-        "prediction_type": str, "scheduler_class": str
+        "text_hidden_size": int,      # the UNet's context width (SDXL: both encoders' widths added)
+        "text_max_length": int,
+        "pad_token": str, "pad_token_id": int,   # the first text encoder's (each SDXL one's: text_encoders)
+        "prediction_type": str, "scheduler_class": str,
+        # optional (absent in manifests older than SDXL support: the defaults shown)
+        "family": "sd" | "sdxl" | "sdxl-refiner",   # "sd": SD1.x/SD2.x and their LCM and Turbo forms ("sd")
+        "txt2img": bool,              # false: img2img only (the SDXL refiner) (true)
+        "force_upcast": bool,         # the VAE overflows in fp16 (SDXL's): TensorRT builds it fp32 (true)
+        "guidance_embedding_dim": int | null,   # LCM-distilled UNet: guidance is its timestep_cond input (null)
+        # SDXL only:
+        "text_encoders": [{"component": "text_encoder" | "text_encoder_2", "tokenizer": folder,
+                           "hidden_size": int, "max_length": int, "pad_token": str, "pad_token_id": int,
+                           "output": "penultimate_hidden_state",       # hidden_states[-2], concatenated in order
+                           "pooled"?: "text_embeds", "projection_dim"?: int}],   # the last one's pooled output
+        "pooled_dim": int,            # the UNet's text_embeds width
+        "time_ids": [str],            # the UNet's time_ids, in order: original_height, original_width, crop_top,
+                                      # crop_left, then target_height, target_width (base) or aesthetic_score (refiner)
+        "force_zeros_for_empty_prompt": bool   # no negative prompt: zeros for its embeddings, not the encoded ""
       },
+      "tokenizer": {"max_length", "pad_token", "pad_token_id", "bos_token_id", "eos_token_id"},
+      "tokenizer_2": {...},           # SDXL: the second tokenizer's (the refiner has only this one)
       "components": {
         "<name>": {"file": "unet/model.onnx", "data_file": "model.onnx.data" | null,
                    "sha256": str, "size_bytes": int,     # over model.onnx then its data file
@@ -51,14 +68,18 @@ from sdrt.runtime.files import write_text_atomic
 MANIFEST_NAME = "sdrt.json"
 FORMAT = "sdrt-engine"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_COMPONENTS = ("unet", "vae_decoder")  # and each of the model's text encoders
 VERIFY = ("none", "size", "sha256")  # how Manifest.load checks the files: not at all, sizes, full hashes
 MODEL_KEYS = (
     "latent_channels", "vae_scale_factor", "scaling_factor", "shift_factor", "sample_size",
     "default_height", "default_width", "size_multiple", "image_channels", "text_hidden_size", "text_max_length",
     "pad_token", "pad_token_id", "prediction_type", "scheduler_class",
 )
+
+FAMILIES = ("sd", "sdxl", "sdxl-refiner")
+SDXL_MODEL_KEYS = ("text_encoders", "pooled_dim", "time_ids", "force_zeros_for_empty_prompt")
+OPTIONAL_MODEL_KEYS = ("family", "txt2img", "force_upcast", "guidance_embedding_dim") + SDXL_MODEL_KEYS
 
 
 @dataclass(frozen=True)
@@ -80,13 +101,38 @@ class ModelNumbers:
     pad_token_id: int
     prediction_type: str
     scheduler_class: str
+    family: str = "sd"
+    txt2img: bool = True
+    force_upcast: bool = True
+    guidance_embedding_dim: int | None = None
+    text_encoders: tuple[dict, ...] = ()
+    pooled_dim: int | None = None
+    time_ids: tuple[str, ...] = ()
+    force_zeros_for_empty_prompt: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelNumbers":
         missing = [k for k in MODEL_KEYS if k not in d]
         if missing:
             raise UserError(f"manifest 'model' section lacks {', '.join(missing)}")
-        return cls(**{k: d[k] for k in MODEL_KEYS})
+        optional = {k: d[k] for k in OPTIONAL_MODEL_KEYS if k in d}
+        if optional.get("family", "sd") not in FAMILIES:
+            raise UserError(f"manifest model family {optional['family']!r}: this sdrt reads {', '.join(FAMILIES)}")
+        if optional.get("family", "sd") != "sd":
+            lacking = [k for k in SDXL_MODEL_KEYS if k not in d]
+            if lacking:
+                raise UserError(f"manifest 'model' section of an SDXL model lacks {', '.join(lacking)}")
+            optional["text_encoders"] = tuple(d["text_encoders"])
+            optional["time_ids"] = tuple(d["time_ids"])
+        return cls(**{k: d[k] for k in MODEL_KEYS}, **optional)
+
+    @property
+    def xl(self) -> bool:
+        return self.family != "sd"
+
+    @property
+    def text_encoder_components(self) -> tuple[str, ...]:
+        return tuple(e["component"] for e in self.text_encoders) if self.xl else ("text_encoder",)
 
 
 def sha256_files(paths: list[Path], chunk: int = 1 << 24) -> tuple[str, int]:
@@ -143,7 +189,7 @@ class Manifest:
                 f"this sdrt reads version {FORMAT_VERSION} (re-export the model)")
         m = cls(engine_dir, data)
         comps = data.get("components", {})
-        for name in REQUIRED_COMPONENTS:
+        for name in REQUIRED_COMPONENTS + m.model.text_encoder_components:
             if name not in comps:
                 raise UserError(f"{path}: component {name!r} is missing from the manifest")
         if verify != "none":

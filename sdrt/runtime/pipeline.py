@@ -1,14 +1,17 @@
 """txt2img and img2img on an engine directory, with the scheduler loop in numpy.
 
-Equal to diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline for the same seed: the same
-random draws in the same order (sdrt.runtime.rng), the same schedules (sdrt.runtime.schedulers), the same
-guidance arithmetic. One Pipeline serves many threads at once: per-call state lives in the call.
+Equal to diffusers for the same seed - StableDiffusionPipeline / StableDiffusionImg2ImgPipeline (SD1.x, SD2.x,
+SD-Turbo; an LCM-distilled UNet as LatentConsistencyModelPipeline runs it), StableDiffusionXLPipeline /
+StableDiffusionXLImg2ImgPipeline (SDXL base, refiner, SDXL-Turbo): the same random draws in the same order
+(sdrt.runtime.rng), the same schedules (sdrt.runtime.schedulers), the same conditioning and guidance
+arithmetic. One Pipeline serves many threads at once: per-call state lives in the call.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import secrets
 import sys
@@ -35,6 +38,10 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8
 MAX_SEED = 2**64 - 1
+DEFAULT_AESTHETIC_SCORE = 6.0           # diffusers' StableDiffusionXLImg2ImgPipeline defaults (the refiner)
+DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +63,14 @@ class Request:
     truncate: bool = False      # keep each prompt's first 75 tokens (diffusers' cut) instead of chunking
     weighting: bool = True      # read AUTOMATIC1111's emphasis syntax: (word), [word], (word:1.3), BREAK
     prompt_tokens: PromptTokens | None = field(default=None, repr=False, compare=False)  # read by request()
+    guidance_embedded: bool = False   # an LCM-distilled UNet: guidance is an input, never a second pass
+    zero_negative: bool = False       # SDXL with no negative prompt: zeros instead of the encoded "" (its flag)
+    # SDXL's size and crop conditioning, in pixels (None: the output size), and the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
 
     @property
     def batch(self) -> int:
@@ -63,8 +78,17 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        # diffusers: classifier-free guidance only when guidance_scale > 1
-        return self.guidance > 1.0
+        # diffusers: classifier-free guidance only when guidance_scale > 1 and the UNet has no guidance input
+        return self.guidance > 1.0 and not self.guidance_embedded
+
+
+@dataclass
+class PromptEmbeddings:
+    """SDXL's text conditioning for a list of prompts: both encoders' penultimate hidden states side by side
+    [n, L, width] and the second encoder's pooled, projected embedding [n, pooled_dim]."""
+
+    context: np.ndarray
+    pooled: np.ndarray
 
 
 @dataclass
@@ -96,13 +120,16 @@ class Denoising:
     """
 
     def __init__(self, req: Request, sched: Scheduler, state, rng: TorchCPUGenerator, latents: np.ndarray,
-                 context: np.ndarray, begin: int):
+                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None):
+        """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
+        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``."""
         self.req = req
         self.sched = sched
         self.state = state
         self.rng = rng
         self.latents = latents
         self.context = context
+        self.conditioning = dict(conditioning or {})
         self.begin = begin
         self.index = begin  # the next index into sched.timesteps
 
@@ -128,7 +155,7 @@ class Denoising:
         x = self.sched.scale_model_input(self.latents, self.index).astype(np.float32)
         x = np.concatenate([x, x]) if self.req.guided else x
         t = np.full((x.shape[0],), self.sched.timesteps[self.index], dtype=np.float32)
-        return {"sample": x, "timestep": t, "encoder_hidden_states": self.context}
+        return {"sample": x, "timestep": t, "encoder_hidden_states": self.context, **self.conditioning}
 
     def advance(self, out_sample: np.ndarray) -> Step:
         """Take this request's UNet output (``unet_batch`` samples) and step its scheduler."""
@@ -181,6 +208,42 @@ def _is_image_source(value) -> bool:
     return pil is not None and isinstance(value, pil.Image)
 
 
+def _guidance_batch(req: Request, texts: np.ndarray) -> np.ndarray:
+    """Per-image rows of ``texts`` (the prompts', then the negatives' when encoded) in the UNet's batch
+    order: [negatives, positives] when guided (diffusers' order), zeros for SDXL's zeroed negatives."""
+    n = len(req.prompts)
+    cond = np.repeat(texts[:n], req.num_images, axis=0)
+    if not req.guided:
+        return cond
+    uncond = np.zeros_like(cond) if req.zero_negative else np.repeat(texts[n:], req.num_images, axis=0)
+    return np.concatenate([uncond, cond])
+
+
+def _time_id_row(names: Sequence[str], values: dict, aesthetic_score: float) -> np.ndarray:
+    table = {"original_height": values["original"][0], "original_width": values["original"][1],
+             "crop_top": values["crop"][0], "crop_left": values["crop"][1],
+             "target_height": values["target"][0], "target_width": values["target"][1],
+             "aesthetic_score": aesthetic_score}
+    return np.array([table[n] for n in names], dtype=np.float32)
+
+
+def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
+    """An LCM-distilled UNet's ``timestep_cond``: a sinusoidal embedding of (guidance - 1) * 1000, [batch, dim]
+    float32 (diffusers' get_guidance_scale_embedding, after VDM's; float32 as torch computes it)."""
+    f32 = np.float32
+    w = f32(guidance - 1) * f32(1000.0)
+    half = dim // 2
+    step = f32(np.log(f32(10000.0))) / f32(half - 1)
+    # exp, sin and cos correctly rounded to float32 (in float64, then rounded): numpy's float32 SIMD versions
+    # are an ulp off in places, which the angles, up to (guidance - 1) * 1000, amplify
+    freqs = np.exp((np.arange(half, dtype=f32) * -step).astype(np.float64)).astype(f32)
+    angles = (w * freqs).astype(np.float64)
+    emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(f32)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros(1, dtype=f32)])
+    return np.tile(emb, (batch, 1))
+
+
 def _check_finite(stage: str, array: np.ndarray, detail: str = "") -> None:
     if not np.isfinite(array).all():
         raise StageError(f"{stage} produced NaN or inf{detail}; the engine or its precision is broken for these inputs")
@@ -200,10 +263,21 @@ class Pipeline:
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
         self.backend = get_backend(backend, **(backend_options or {}))
-        self.tokenizer = CLIPTokenizer.from_dir(
-            self.engine_dir / "tokenizer", max_length=self.model.text_max_length, pad_token_id=self.model.pad_token_id)
-        self._initializers, vectors = self._add_embeddings(embeddings)
-        self.prompt_reader = PromptReader(self.tokenizer, vectors)
+        if self.model.xl:  # each encoder with its own tokenizer (their pad tokens differ)
+            self.tokenizers = {e["component"]: CLIPTokenizer.from_dir(
+                self.engine_dir / e["tokenizer"], max_length=e["max_length"], pad_token_id=e["pad_token_id"])
+                for e in self.model.text_encoders}
+            self.tokenizer = next(iter(self.tokenizers.values()))
+            if embeddings:
+                raise UserError("embeddings: textual inversion is not supported for SDXL models yet")
+            self._initializers, vectors = {}, {}
+            self.prompt_reader = None  # SDXL prompts: one 77-token chunk per encoder, unweighted
+        else:
+            self.tokenizer = CLIPTokenizer.from_dir(
+                self.engine_dir / "tokenizer", max_length=self.model.text_max_length,
+                pad_token_id=self.model.pad_token_id)
+            self._initializers, vectors = self._add_embeddings(embeddings)
+            self.prompt_reader = PromptReader(self.tokenizer, vectors)
         sched_path = self.engine_dir / "scheduler" / "scheduler_config.json"
         try:
             self.scheduler_config = json.loads(sched_path.read_text())
@@ -211,7 +285,7 @@ class Pipeline:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
         self._encoder_lock = threading.Lock()
-        wanted = ["text_encoder", "unet", "vae_decoder"]
+        wanted = [*self.model.text_encoder_components, "unet", "vae_decoder"]
         if load_encoder and self.manifest.has("vae_encoder"):
             wanted.append("vae_encoder")
         try:
@@ -257,14 +331,22 @@ class Pipeline:
                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int | None = None,
                 scheduler: str | None = None, height: int | None = None, width: int | None = None,
                 num_images: int = 1, init_image: str | os.PathLike | np.ndarray | Image.Image | None = None,
-                strength: float | None = None, truncate: bool = False, weighting: bool = True) -> Request:
+                strength: float | None = None, truncate: bool = False, weighting: bool = True,
+                original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
+                target_size: tuple[int, int] | None = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
+                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
         prepares it (``height``/``width`` resize it), or that function's result, a float ``[1, C, H, W]`` array
         in [-1, 1] (``height``/``width`` must then match it). ``strength``: img2img only, default 0.8.
         A prompt over 75 tokens is read in chunks (``truncate``: cut as diffusers does) and weighted
-        (``weighting``; sdrt.runtime.prompts).
+        (``weighting``; sdrt.runtime.prompts; SD1/SD2).
+
+        SDXL only: ``original_size``/``target_size`` (height, width) and ``crop`` (top, left) in pixels, the
+        size and crop conditioning (default: the output size, no crop); the refiner's ``aesthetic_score`` and
+        ``negative_aesthetic_score``. An SDXL model without a negative prompt conditions its unguided half on
+        zeros when its checkpoint says ``force_zeros_for_empty_prompt`` (an empty string is encoded).
         """
         for what, flag in (("truncate", truncate), ("weighting", weighting)):
             if not isinstance(flag, bool):
@@ -285,6 +367,15 @@ class Pipeline:
         if scheduler is not None and not isinstance(scheduler, str):
             raise UserError(f"scheduler {_shown(scheduler)}: must be a scheduler's name or None (the model's own)")
         m = self.model
+        xl_settings = (original_size, tuple(crop), target_size, aesthetic_score, negative_aesthetic_score)
+        if not m.xl and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
+            raise UserError("original_size, crop, target_size and aesthetic scores: only SDXL models take them")
+        for what, pair in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
+            if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0
+                                                                for v in pair)):
+                raise UserError(f"{what} {pair!r}: must be two integers >= 0 (height, width / top, left)")
+        if init_image is None and not m.txt2img:
+            raise UserError(f"{self.engine_dir}: this model ({m.family}) only refines an image; give an init image")
         height = None if height is None else self._size("height", height)
         width = None if width is None else self._size("width", width)
         if init_image is None:
@@ -316,9 +407,19 @@ class Pipeline:
         sched = make_scheduler(scheduler, self.scheduler_config, steps)
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
+        embedded = bool(m.guidance_embedding_dim)
+        if negative_prompt is not None and any(negatives) and (embedded or not guidance > 1.0):
+            # diffusers drops it without a word
+            logger.warning("the negative prompt is ignored: %s", "this model takes guidance as an input, with no "
+                           "unguided pass" if embedded else f"guidance {guidance:g} <= 1 runs no unguided pass")
         req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
-                      init_image, strength, sched, truncate, weighting)
-        req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
+                      init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
+                      zero_negative=m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt,
+                      original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
+                      target_size=None if target_size is None else tuple(target_size),
+                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score))
+        if self.prompt_reader is not None:
+            req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
         return req
 
     def _size(self, what: str, value) -> int:
@@ -330,8 +431,13 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------------------
     def text_inputs(self, req: Request) -> list[str]:
-        """The prompts the text encoder reads for ``req``: positives, then negatives when guided."""
-        return req.prompts + (req.negative_prompts if req.guided else [])
+        """The prompts the text encoder reads for ``req``: positives, then negatives when guided (and not
+        zeros instead: SDXL's force_zeros_for_empty_prompt)."""
+        return req.prompts + (req.negative_prompts if req.guided and not req.zero_negative else [])
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray | PromptEmbeddings:
+        """What :meth:`start` takes as ``texts``: ``encode_prompts`` (SD1/SD2) or ``encode_prompts_xl`` (SDXL)."""
+        return self.encode_prompts_xl(prompts) if self.model.xl else self.encode_prompts(prompts)
 
     def prepare_prompts(self, req: Request) -> PromptTokens:
         """Step (a) of sdrt.runtime.prompts for ``req``'s prompts: token ids per chunk and their weights."""
@@ -356,6 +462,20 @@ class Pipeline:
         return self.encode_tokens(self.prompt_reader.prepare(
             list(prompts), truncate=truncate, weighting=weighting, max_chunks=self.max_prompt_chunks,
             limit=self._prompt_limit))
+
+    def encode_prompts_xl(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """SDXL: each encoder reads the prompts with its own tokenizer; their penultimate hidden states are
+        concatenated on the width, the last encoder's pooled projection is the pooled embedding."""
+        hidden, pooled = [], None
+        for e in self.model.text_encoders:
+            comp = e["component"]
+            out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(prompts))})
+            for name, value in out.items():
+                _check_finite(comp, value)
+            hidden.append(out[e["output"]])
+            if e.get("pooled"):
+                pooled = out[e["pooled"]]
+        return PromptEmbeddings(np.concatenate(hidden, axis=-1), pooled)
 
     def _vae_encoder(self):
         if "vae_encoder" not in self.sessions:
@@ -392,9 +512,11 @@ class Pipeline:
         return decode_to_uint8(sample)
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    def start(self, req: Request, texts: np.ndarray | None = None, timings: dict | None = None) -> "Denoising":
+    def start(self, req: Request, texts: np.ndarray | PromptEmbeddings | None = None,
+              timings: dict | None = None) -> "Denoising":
         """Everything before the first UNet call: text embeddings (``texts``, encoded here unless the caller
-        batched them: ``encode_prompts(text_inputs(req))``), the initial latents and the scheduler state."""
+        batched them: ``encode(text_inputs(req))``), the UNet's other conditioning, the initial latents and the
+        scheduler state."""
         timings = {} if timings is None else timings
         m = self.model
         rng = TorchCPUGenerator(req.seed)
@@ -403,15 +525,17 @@ class Pipeline:
 
         if texts is None:
             t0 = time.perf_counter()
-            texts = self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req))
+            texts = (self.encode_prompts_xl(self.text_inputs(req)) if m.xl
+                     else self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req)))
             timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-        n = len(req.prompts)
-        cond = np.repeat(texts[:n], req.num_images, axis=0)
-        if req.guided:
-            uncond = np.repeat(texts[n:], req.num_images, axis=0)
-            context = np.concatenate([uncond, cond])  # diffusers: [negative, positive]
+        if isinstance(texts, PromptEmbeddings):
+            context = _guidance_batch(req, texts.context)
+            conditioning = {"text_embeds": _guidance_batch(req, texts.pooled),
+                            "time_ids": self._time_ids(req)}
         else:
-            context = cond
+            context, conditioning = _guidance_batch(req, texts), {}
+        if m.guidance_embedding_dim:
+            conditioning["timestep_cond"] = guidance_embedding(req.guidance, m.guidance_embedding_dim, req.batch)
 
         shape = (req.batch, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
         if req.init_image is None:
@@ -423,7 +547,20 @@ class Pipeline:
             init = np.concatenate([init] * req.batch) if req.batch > 1 else init
             noise = rng.randn(init.shape)
             latents = sched.add_noise(init, noise, begin).astype(np.float32)
-        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin)
+        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning)
+
+    def _time_ids(self, req: Request) -> np.ndarray:
+        """SDXL's added time ids, [unet_batch, len(model.time_ids)]: sizes, crop and target size (base) or
+        aesthetic score (refiner), as diffusers' _get_add_time_ids lists them."""
+        size = (req.height, req.width)
+        values = {"original": req.original_size or size, "crop": req.crop, "target": req.target_size or size}
+        pos = _time_id_row(self.model.time_ids, values, req.aesthetic_score)
+        # the refiner's unguided half: the negative aesthetic score and no crop (diffusers'
+        # negative_crops_coords_top_left); the base's is the positive row
+        neg = _time_id_row(self.model.time_ids, dict(values, crop=(0, 0)), req.negative_aesthetic_score) \
+            if "aesthetic_score" in self.model.time_ids else pos
+        rows = [np.tile(neg, (req.batch, 1))] if req.guided else []
+        return np.concatenate(rows + [np.tile(pos, (req.batch, 1))]).astype(np.float32)
 
     def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
         """Run the denoising loop, yielding after every step; the final latents are in the last Step."""

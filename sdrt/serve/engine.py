@@ -47,6 +47,10 @@ log = logging.getLogger("sdrt.serve")
 OUTCOMES = ("completed", "cancelled", "timeout", "error", "rejected", "shutdown")
 
 
+class _EncodeAlone(Exception):
+    """Internal: the admitted requests' prompts are encoded one request at a time."""
+
+
 class QueueFull(UserError):
     """The queue is at its bound; retry after ``retry_after`` seconds (HTTP 429)."""
 
@@ -469,11 +473,15 @@ class Engine:
         t0 = time.perf_counter()
         # token ids of every admitted request (chunked and weighted by request()) through one text-encoder call;
         # each request reassembles its own rows, so its embeddings do not depend on the others'
-        tokens = [job.req.prompt_tokens or pipe.prepare_prompts(job.req) for job in jobs]
         try:
+            if getattr(pipe, "prompt_reader", None) is None:
+                raise _EncodeAlone  # SDXL: two encoders and a pooled embedding, encoded per request by start()
+            tokens = [job.req.prompt_tokens or pipe.prepare_prompts(job.req) for job in jobs]
             hidden = pipe.run_text_encoder(np.concatenate([t.ids for t in tokens]))
             split = np.cumsum([len(t.ids) for t in tokens])[:-1]
             per_job = [t.assemble(h) for t, h in zip(tokens, np.split(hidden, split))]
+        except _EncodeAlone:
+            per_job = [None] * len(jobs)
         except UserError:
             if len(jobs) == 1:
                 raise

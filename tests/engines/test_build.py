@@ -37,9 +37,33 @@ def test_jobs_cover_components_with_distinct_keys(engine_dir):
 
 def test_force_upcast_vae_starts_in_fp32(engine_dir):
     m = Manifest.load(engine_dir)
-    m.data["model"]["force_upcast"] = True
+    m.data["model"].update(force_upcast=True, family="sdxl")
     (job,) = plan_jobs(m, make_request(m.data["model"]), "fp16", ["vae_decoder"], "10.3.0", "8.9")
     assert job.tiers == (("fp32", "all"),) and job.precision == "fp16"
+    assert "force_upcast" in job.fp32_reason and "fp16-safe VAE" in job.fp32_reason
+    # an fp16-safe VAE (force_upcast: false) goes through the fp16 tiers; SD1/SD2 pipelines ignore the flag
+    for model in (dict(force_upcast=False, family="sdxl"), dict(force_upcast=True, family="sd")):
+        m.data["model"].update(model)
+        (job,) = plan_jobs(m, make_request(m.data["model"]), "fp16", ["vae_decoder"], "10.3.0", "8.9")
+        assert job.tiers[0] == ("fp16", "none") and job.fp32_reason is None, model
+
+
+def test_sdxl_profiles_cover_the_second_encoder_and_the_added_conditioning():
+    from sdrt.engines.profiles import component_profiles
+
+    model = {"vae_scale_factor": 8, "size_multiple": 8, "default_height": 1024, "default_width": 1024}
+    req = make_request(model, batch="1:1:2")
+    (enc2,) = component_profiles("text_encoder_2", [{"name": "input_ids", "shape": ["batch", 77]}], model, req)
+    assert enc2["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [4, 77]}  # prompts and negatives
+    unet_inputs = [{"name": n, "dtype": "float32", "shape": s} for n, s in (
+        ("sample", ["batch", 4, "latent_height", "latent_width"]), ("text_embeds", ["batch", 1280]),
+        ("time_ids", ["batch", 6]), ("timestep_cond", ["batch", 256]))]
+    (unet,) = component_profiles("unet", unet_inputs, model, req)
+    assert unet["text_embeds"] == {"min": [1, 1280], "opt": [2, 1280], "max": [4, 1280]}
+    assert unet["time_ids"]["max"] == [4, 6] and unet["timestep_cond"]["opt"] == [2, 256]
+    assert unet["sample"]["max"] == [4, 4, 256, 256]
+    feeds = random_feeds(unet_inputs, {n: s["max"] for n, s in unet.items()}, model)
+    assert feeds["time_ids"].min() >= 0 and feeds["time_ids"].max() > 100  # pixel sizes, not N(0, 1)
 
 
 def test_unknown_component_is_refused(engine_dir):

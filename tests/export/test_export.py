@@ -129,14 +129,27 @@ def test_missing_component_is_named(sd1_model, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_sdxl_is_refused_as_unsupported(sd1_model, tmp_path):
+def test_an_sdxl_index_without_its_second_encoder_is_named(sd1_model, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(sd1_model, model)
     index = json.loads((model / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionXLPipeline"
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (model / "model_index.json").write_text(json.dumps(index))
-    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "second text encoder", "not supported")
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "missing", "text_encoder_2, tokenizer_2")
+
+
+def test_unsupported_pipelines_and_unets_are_named(sd1_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_model, model)
+    index_path = model / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps(dict(index, _class_name="StableDiffusionInpaintPipeline")))
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "StableDiffusionInpaintPipeline", "supported:")
+    index_path.write_text(json.dumps(index))
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps(dict(unet, addition_embed_type="text_time")))
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "addition_embed_type='text_time'")
 
 
 def test_not_a_checkpoint_and_bad_flags(tmp_path):

@@ -32,19 +32,6 @@ def references(model_dirs):
             for kind, path in model_dirs.items()}
 
 
-@pytest.fixture(scope="session")
-def init_image_path(tmp_path_factory):
-    """A structured picture of an odd size (resized by both pipelines' preprocessing)."""
-    from PIL import Image
-
-    h, w = 37, 45  # rounds down to 36x44: odd latents (9x11) for the 4x VAE
-    yy, xx = np.mgrid[0:h, 0:w]
-    rgb = np.stack([(xx * 5) % 256, (yy * 7) % 256, ((xx + yy) * 3) % 256], axis=-1).astype(np.uint8)
-    path = tmp_path_factory.mktemp("img") / "init.png"
-    Image.fromarray(rgb).save(path)
-    return path
-
-
 def _reference_images(ref, name, **kw):
     # always from the model's own config: a previous test's scheduler config must not leak into this one
     if not hasattr(ref, "sdrt_original_scheduler_config"):

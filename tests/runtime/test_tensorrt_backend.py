@@ -167,6 +167,69 @@ def test_switching_shape_sets_enqueues_once_before_capturing_again(engine_dir, f
     session.close()
 
 
+def test_a_failed_cuda_graph_capture_falls_back_to_plain_runs_for_good(engine_dir, fake_gpu):
+    rt, trt = fake_gpu
+    captures = []
+
+    def refuse(stream, mode):
+        captures.append(stream)
+        return (cuda_mod.cudart().cudaError_t.cudaErrorNoDevice,)
+
+    rt.cudaStreamBeginCapture = refuse
+    add_engine(engine_dir, static=True, batch="1", size="32")
+    session = TensorRTBackend(cuda_graph=True).load(Manifest.load(engine_dir), "unet")
+    for _ in range(4):
+        feeds = unet_feeds(2, 16)
+        np.testing.assert_array_equal(session.run(feeds)["out_sample"], feeds["sample"] * 0.5)
+    assert len(captures) == 1, "the capture was retried"
+    assert trt.log.count(("execute",)) == 4 and rt.log["graph_launch"] == 0
+    session.close()
+
+
+def test_an_error_after_queued_copies_synchronises_before_releasing_the_lock(engine_dir, fake_gpu, monkeypatch):
+    rt, trt = fake_gpu
+    add_engine(engine_dir)
+    session = TensorRTBackend().load(Manifest.load(engine_dir), "unet")
+    events = []
+    real_copy = cuda_mod.copy_to_device
+
+    def copy(dst, src, stream):
+        events.append("h2d")
+        return real_copy(dst, src, stream)
+
+    rt.cudaStreamSynchronize = lambda s: (events.append("sync"), (rt.cudaError_t.cudaSuccess,))[1]
+    monkeypatch.setattr(cuda_mod, "copy_to_device", copy)
+
+    class Failing:
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            events.append("unlock")
+            return self.lock.__exit__(*exc)
+
+    session._lock = Failing(session._lock)
+    session._enqueue = lambda eng: (_ for _ in ()).throw(RuntimeError("execute_async_v3 failed"))
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        session.run(unet_feeds(1, 16))
+    assert events[-2:] == ["sync", "unlock"] and "h2d" in events
+    # a failing synchronise does not hide the first error
+    rt.cudaStreamSynchronize = lambda s: (rt.cudaError_t.cudaErrorNoDevice,)
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        session.run(unet_feeds(1, 16))
+
+
+def test_the_runtime_imports_no_higher_layer():
+    code = ("import sys, sdrt.runtime, sdrt.runtime.pipeline, sdrt.runtime.backends.tensorrt, sdrt.runtime.cli; "
+            "bad = [m for m in sys.modules if m.startswith(('sdrt.engines', 'sdrt.serve', 'sdrt.export'))]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_static_and_narrow_entries_are_preferred(engine_dir, fake_gpu):
     dynamic = add_engine(engine_dir, batch="1:1:4", size="32:64:128")
     static = add_engine(engine_dir, static=True, batch="1", size="64")

@@ -49,11 +49,14 @@ MIXED = [
     dict(prompt="a white star", steps=4, guidance=1.0, seed=7, scheduler="unipc", num_images=3, height=40, width=24),
     dict(prompt="a black circle", steps=6, guidance=7.5, seed=8, scheduler="euler", init_image=_init_image(),
          strength=1.0, num_images=2),
+    dict(prompt="a (red circle:1.3) BREAK " + ", ".join(["a [blue] square on a green background"] * 12), steps=4,
+         guidance=7.5, seed=9, scheduler="ddim", negative_prompt="blurry"),                  # 3 prompt chunks
 ]
 
 
 def test_concurrent_mixed_requests_equal_each_alone(pipe, engine):
-    """8 requests at once, mixing sizes, step counts, schedulers, guidance on and off, img2img and n > 1."""
+    """9 requests at once, mixing sizes, step counts, schedulers, guidance on and off, img2img, n > 1 and a long
+    weighted prompt (its chunks encoded in the same text-encoder call as the others' prompts)."""
     batch_sizes = []
     engine.observer.unet_call = lambda images, samples, seconds: batch_sizes.append(samples)
     jobs = [engine.submit(**settings) for settings in MIXED]

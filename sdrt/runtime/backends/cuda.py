@@ -142,14 +142,24 @@ class CudaGraph:
 
     def __init__(self, stream: Stream, enqueue):
         rt = cudart()
+        self._graph = self._exec = None
         # Thread-local capture mode: other threads' sessions may allocate while this one captures.
         check(rt.cudaStreamBeginCapture(stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         try:
             enqueue()
-        finally:
-            graph = check(rt.cudaStreamEndCapture(stream.raw))
+        except BaseException:
+            # end the capture whatever happened, so the stream is usable again, and free what it made
+            result = rt.cudaStreamEndCapture(stream.raw)
+            if isinstance(result, tuple) and len(result) > 1 and result[1] is not None:
+                rt.cudaGraphDestroy(result[1])
+            raise
+        graph = check(rt.cudaStreamEndCapture(stream.raw))
+        try:
+            self._exec = check(rt.cudaGraphInstantiate(graph, 0))
+        except BaseException:
+            rt.cudaGraphDestroy(graph)
+            raise
         self._graph = graph
-        self._exec = check(rt.cudaGraphInstantiate(graph, 0))
 
     def launch(self, stream: Stream) -> None:
         check(cudart().cudaGraphLaunch(self._exec, stream.raw))

@@ -9,13 +9,14 @@ set_tensor_address / execute_async_v3``, all on one CUDA stream.
 
 Per component the manifest lists engine entries (``manifest.data["engines"][component]``). An entry is
 usable when its cache key matches this TensorRT version, this GPU's compute capability and the current
-ONNX graph (see :mod:`sdrt.engines.cache`); per request, the first usable entry with a profile that
+ONNX graph (see :mod:`sdrt.runtime.engine_cache`); per request, the first usable entry with a profile that
 contains every input shape runs it (static entries first, then fp16, then the narrowest). Buffers (device
 and pinned host) are allocated once per (engine, profile, shapes) and reused; a few shape sets are kept.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sdrt.engines.cache import stale_reason
-from sdrt.engines.profiles import describe_profile, is_static, profile_fits
 from sdrt.errors import MissingDependencyError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
+from sdrt.runtime.engine_cache import describe_profile, is_static, profile_fits, stale_reason
+
+
+logger = logging.getLogger(__name__)
 
 
 def import_tensorrt():
@@ -160,6 +163,7 @@ class _Engine:
         self.context = self.engine.create_execution_context()
         self.current: tuple | None = None  # the bindings key the context is set up for
         self.static = is_static(entry["profiles"])
+        self.graph_failed = False  # a CUDA graph capture failed once: run plainly from then on
 
 
 class TensorRTSession(Session):
@@ -237,10 +241,18 @@ class TensorRTSession(Session):
         stream = self._stream
         if b.graph is not None:
             b.graph.launch(stream)
-        elif self._cuda_graph and eng.static and b.runs >= 1:
+        elif self._cuda_graph and not eng.graph_failed and eng.static and b.runs >= 1:
             # TensorRT's guidance: run enqueue once before capturing, so deferred initialisation is done.
-            b.graph = self._cuda.CudaGraph(stream, lambda: self._enqueue(eng))
-            b.graph.launch(stream)
+            try:
+                b.graph = self._cuda.CudaGraph(stream, lambda: self._enqueue(eng))
+            except self._cuda.CudaError as e:
+                # Some plans cannot be captured (e.g. layers that synchronise): run this engine plainly from now
+                # on rather than paying a failed capture on every call.
+                eng.graph_failed = True
+                logger.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.component, e)
+                self._enqueue(eng)
+            else:
+                b.graph.launch(stream)
         else:
             self._enqueue(eng)
         b.runs += 1
@@ -261,14 +273,27 @@ class TensorRTSession(Session):
             eng = self._engine(entry)
             key = (entry["key"], profile, tuple(sorted(shapes.items())))
             b = self._prepare(eng, key, profile, shapes)
-            for name in eng.inputs:
-                np.copyto(b.host[name].array, feeds[name], casting="same_kind")
-                cuda.copy_to_device(b.device[name], b.host[name], self._stream)
-            self._execute(eng, b)
-            for spec in self.outputs:
-                cuda.copy_to_host(b.host[spec.name], b.device[spec.name], self._stream)
+            try:
+                for name in eng.inputs:
+                    np.copyto(b.host[name].array, feeds[name], casting="same_kind")
+                    cuda.copy_to_device(b.device[name], b.host[name], self._stream)
+                self._execute(eng, b)
+                for spec in self.outputs:
+                    cuda.copy_to_host(b.host[spec.name], b.device[spec.name], self._stream)
+            except BaseException:
+                # Copies already queued still read and write these pinned buffers: let them finish before the
+                # lock lets another call refill them (or close frees them).
+                self._drain()
+                raise
             self._stream.synchronize()
             return {s.name: b.host[s.name].array.astype(s.dtype, copy=True) for s in self.outputs}
+
+    def _drain(self) -> None:
+        """Wait for the stream after a failure; its own error, if any, must not hide the first one."""
+        try:
+            self._stream.synchronize()
+        except Exception as e:  # noqa: BLE001 - the original error is being raised
+            logger.warning("%s: synchronising the stream after an error failed too: %s", self.component, e)
 
     def close(self) -> None:
         with self._lock:

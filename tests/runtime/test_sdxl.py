@@ -1,0 +1,180 @@
+"""SDXL (base, refiner) through the torch-free runtime against diffusers' SDXL pipelines: same seed, same image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sdrt.errors import UserError
+from sdrt.runtime.images import images_psnr
+from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from tests.runtime.test_pipeline import PSNR_FLOOR_DB, _reference_images
+
+torch = pytest.importorskip("torch")
+from sdrt.bench.reference import diffusers_pipeline  # noqa: E402
+
+STEPS = {"heun": 3, "lcm": 4}  # others: 5
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_model):
+    from sdrt.runtime import Pipeline
+
+    model, engine = tiny_model("sdxl-tiny")
+    return {"pipe": Pipeline(engine), "txt2img": diffusers_pipeline(model),
+            "img2img": diffusers_pipeline(model, img2img=True), "model": model, "engine": engine}
+
+
+@pytest.fixture(scope="module")
+def refiner(tiny_model):
+    from sdrt.runtime import Pipeline
+
+    model, engine = tiny_model("sdxl-refiner-tiny")
+    return {"pipe": Pipeline(engine), "img2img": diffusers_pipeline(model, img2img=True), "engine": engine}
+
+
+def _init(path, pipe):
+    from sdrt.runtime.images import load_init_image
+
+    return load_init_image(path, pipe.model.vae_scale_factor)
+
+
+def test_manifest_records_both_encoders_and_the_conditioning(sdxl, refiner):
+    m = json.loads((sdxl["engine"] / "sdrt.json").read_text())["model"]
+    cfg = {c: json.loads((sdxl["model"] / c / "config.json").read_text())
+           for c in ("text_encoder", "text_encoder_2", "unet", "vae")}
+    assert m["family"] == "sdxl" and m["txt2img"] is True
+    first, second = m["text_encoders"]
+    assert (first["component"], second["component"]) == ("text_encoder", "text_encoder_2")
+    assert (first["hidden_size"], second["hidden_size"]) == (cfg["text_encoder"]["hidden_size"],
+                                                             cfg["text_encoder_2"]["hidden_size"]) == (32, 48)
+    assert (first["pad_token"], second["pad_token"]) == ("<|endoftext|>", "!")
+    assert (first["pad_token_id"], second["pad_token_id"]) == (49407, 0)
+    assert m["text_hidden_size"] == cfg["unet"]["cross_attention_dim"] == 80
+    assert m["pooled_dim"] == second["projection_dim"] == cfg["text_encoder_2"]["projection_dim"] == 24
+    assert m["time_ids"] == ["original_height", "original_width", "crop_top", "crop_left", "target_height",
+                             "target_width"]
+    assert m["force_zeros_for_empty_prompt"] is True
+    assert m["scaling_factor"] == cfg["vae"]["scaling_factor"] and m["force_upcast"] is True
+    r = json.loads((refiner["engine"] / "sdrt.json").read_text())
+    assert r["model"]["family"] == "sdxl-refiner" and r["model"]["txt2img"] is False
+    assert [e["component"] for e in r["model"]["text_encoders"]] == ["text_encoder_2"]
+    assert r["model"]["time_ids"][-1] == "aesthetic_score" and len(r["model"]["time_ids"]) == 5
+    assert r["model"]["force_zeros_for_empty_prompt"] is False
+    assert set(r["components"]) == {"text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    unet_inputs = [i["name"] for i in r["components"]["unet"]["inputs"]]
+    assert unet_inputs == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_txt2img_matches_diffusers(sdxl, scheduler):
+    steps = STEPS.get(scheduler, 5)
+    ours = sdxl["pipe"].generate(PROMPT, "blurry", steps=steps, guidance=6.0, seed=1234, scheduler=scheduler,
+                                 num_images=2)
+    ref = _reference_images(sdxl["txt2img"], scheduler, prompt=PROMPT, negative_prompt="blurry",
+                            num_inference_steps=steps, guidance_scale=6.0, seed=1234, num_images_per_prompt=2)
+    assert len(ours.images) == 2 and ours.images[0].shape == ref[0].shape
+    for a, b in zip(ours.images, ref):
+        assert images_psnr(a, b) >= PSNR_FLOOR_DB, scheduler
+    assert images_psnr(ours.images[0], ours.images[1]) < 30
+
+
+def test_no_negative_prompt_is_zeros_and_size_conditioning_counts(sdxl):
+    """force_zeros_for_empty_prompt: no negative prompt conditions on zeros, an empty one on the encoded "";
+    original size, crop and target size change the image as they change diffusers'."""
+    pipe, settings = sdxl["pipe"], dict(steps=4, guidance=6.0, seed=5, scheduler="euler")
+    zeros = pipe.generate(PROMPT, None, **settings).images[0]
+    empty = pipe.generate(PROMPT, "", **settings).images[0]
+    assert images_psnr(zeros, empty) < 35
+    for neg, ours in ((None, zeros), ("", empty)):
+        ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, negative_prompt=neg, num_inference_steps=4,
+                                guidance_scale=6.0, seed=5)
+        assert images_psnr(ours, ref[0]) >= PSNR_FLOOR_DB, neg
+    sizes = dict(original_size=(64, 48), crop=(8, 4), target_size=(40, 24))
+    ours = pipe.generate(PROMPT, **sizes, **settings).images[0]
+    ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, num_inference_steps=4, guidance_scale=6.0,
+                            seed=5, original_size=sizes["original_size"], crops_coords_top_left=sizes["crop"],
+                            target_size=sizes["target_size"])
+    assert images_psnr(ours, ref[0]) >= PSNR_FLOOR_DB
+    assert images_psnr(ours, zeros) < 50  # a random tiny UNet reads its time ids weakly, but it reads them
+    time_ids = pipe.start(pipe.request(PROMPT, **sizes, **settings)).unet_inputs()["time_ids"]
+    np.testing.assert_array_equal(time_ids, [[64, 48, 8, 4, 40, 24]] * 2)  # [unguided, guided] rows
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_img2img_matches_diffusers(sdxl, init_image_path, scheduler):
+    from PIL import Image
+
+    pipe = sdxl["pipe"]
+    steps = STEPS.get(scheduler, 5) * 2
+    ours = pipe.generate("a green square", steps=steps, guidance=5.0, seed=7, scheduler=scheduler,
+                         init_image=_init(init_image_path, pipe), strength=0.6)
+    ref = _reference_images(sdxl["img2img"], scheduler, prompt="a green square",
+                            image=Image.open(init_image_path).convert("RGB"), strength=0.6,
+                            num_inference_steps=steps, guidance_scale=5.0, seed=7)
+    assert ours.images[0].shape == ref[0].shape
+    assert images_psnr(ours.images[0], ref[0]) >= PSNR_FLOOR_DB, scheduler
+
+
+@pytest.mark.parametrize("scheduler", [None, "euler_a", "dpmpp_2m", "heun"])
+def test_refiner_matches_diffusers(refiner, init_image_path, scheduler):
+    from PIL import Image
+
+    pipe = refiner["pipe"]
+    steps = STEPS.get(scheduler, 5) * 2
+    settings = dict(steps=steps, guidance=5.0, seed=11, scheduler=scheduler, strength=0.5, num_images=2)
+    ours = pipe.generate("a green square", "blurry", init_image=_init(init_image_path, pipe), crop=(4, 2),
+                         **settings)
+    ref = _reference_images(refiner["img2img"], scheduler, prompt="a green square", negative_prompt="blurry",
+                            image=Image.open(init_image_path).convert("RGB"), strength=0.5,
+                            num_inference_steps=steps, guidance_scale=5.0, seed=11, num_images_per_prompt=2,
+                            crops_coords_top_left=(4, 2))
+    for a, b in zip(ours.images, ref):
+        assert images_psnr(a, b) >= PSNR_FLOOR_DB, scheduler
+
+
+def test_refiner_reads_aesthetic_scores(refiner, init_image_path):
+    pipe = refiner["pipe"]
+    init = _init(init_image_path, pipe)
+    settings = dict(steps=4, guidance=5.0, seed=11, init_image=init, strength=0.5)
+    req = pipe.request("a green square", crop=(4, 2), aesthetic_score=7.0, **settings)
+    h, w = init.shape[-2:]
+    # unguided rows: the negative score and no crop (diffusers' negative_crops_coords_top_left), then guided
+    np.testing.assert_array_equal(pipe.start(req).unet_inputs()["time_ids"], [[h, w, 0, 0, 2.5], [h, w, 4, 2, 7.0]])
+    a = pipe.generate("a green square", **settings).images[0]
+    b = pipe.generate("a green square", aesthetic_score=1.0, **settings).images[0]
+    assert images_psnr(a, b) < 50  # a random tiny UNet reads its time ids weakly, but it reads them
+
+
+def test_refiner_refuses_txt2img_in_one_line(refiner):
+    with pytest.raises(UserError, match="only refines an image; give an init image") as e:
+        refiner["pipe"].request("a cat")
+    assert "\n" not in str(e.value)
+
+
+def test_size_conditioning_is_sdxl_only(sd1_engine):
+    from sdrt.runtime import Pipeline
+
+    with pytest.raises(UserError, match="only SDXL models take them"):
+        Pipeline(sd1_engine).request("x", original_size=(64, 64))
+
+
+def test_unet_inputs_batch_along_the_first_axis(sdxl):
+    """Every UNet feed (text_embeds and time_ids too) has the request's UNet batch first, so the serving
+    engine can concatenate several requests' feeds and split the output."""
+    pipe = sdxl["pipe"]
+    a = pipe.start(pipe.request(PROMPT, "blurry", steps=3, guidance=6.0, seed=1, num_images=2))
+    b = pipe.start(pipe.request("a cat", steps=3, guidance=1.0, seed=2))
+    for loop in (a, b):
+        feeds = loop.unet_inputs()
+        assert set(feeds) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+        assert {v.shape[0] for v in feeds.values()} == {loop.unet_batch}
+    assert a.unet_batch == 4 and b.unet_batch == 1
+    fa, fb = a.unet_inputs(), b.unet_inputs()
+    joint = {k: np.concatenate([fa[k], fb[k]]) for k in fa}
+    out = pipe.sessions["unet"].run(joint)["out_sample"]
+    alone = pipe.sessions["unet"].run(fb)["out_sample"]
+    np.testing.assert_allclose(out[4:], alone, rtol=1e-4, atol=1e-5)
