@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +23,21 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "sdrt: interrupted\n"
 
 
+def _in_a_fresh_process(test):
+    """Run the test in a child pytest: it sends SIGTERM to its own process, which must not be the suite's (the
+    suite's process holds the threads of earlier tests' ONNX Runtime sessions and servers by then)."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("SDRT_TEST_CHILD") == test.__name__:
+            return test(*args, **kwargs)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test.__name__}"],
+                           env=dict(os.environ, SDRT_TEST_CHILD=test.__name__), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert "1 passed" in r.stdout, r.stdout[-2000:]
+    return wrapper
+
+
 def _with_command(monkeypatch, func):
     """The CLI with one more subcommand, `probe`, that runs ``func``."""
     real = cli._commands()
@@ -30,6 +48,7 @@ def _with_command(monkeypatch, func):
     monkeypatch.setattr(cli, "_commands", lambda: [*real, add_probe])
 
 
+@_in_a_fresh_process
 def test_sigterm_in_a_command_that_opted_in_is_one_line_and_runs_its_cleanup(monkeypatch, capsys):
     cleaned = []
 
@@ -49,6 +68,7 @@ def test_sigterm_in_a_command_that_opted_in_is_one_line_and_runs_its_cleanup(mon
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's, not the process's
 
 
+@_in_a_fresh_process
 def test_sigterm_handler_is_installed_only_inside_the_block():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated) as info:

@@ -113,7 +113,8 @@ def _component_inputs(m: Manifest, height: int, width: int, seed: int) -> dict[s
     # random ids below the end-of-text id (CLIP's highest), which the manifest's tokenizer entry records
     vocab = int(m.data.get("tokenizer", m.data.get("tokenizer_2", {})).get("eos_token_id", 49407))
     lh, lw = height // mn.vae_scale_factor, width // mn.vae_scale_factor
-    sizes = {"batch": 2, "latent_height": lh, "latent_width": lw, "height": height, "width": width}
+    sizes = {"batch": 2, "latent_height": lh, "latent_width": lw, "height": height, "width": width,
+             "sequence": mn.text_max_length}  # one prompt chunk
     latent = rng.standard_normal((2, mn.latent_channels, lh, lw), dtype=np.float32)
     size_ids = np.array([height, width, 0, 0, height, width][:len(mn.time_ids)], np.float32)  # SDXL's, no crop
     special = {"sample": latent, "timestep": np.full((2,), 500.0, np.float32), "time_ids": np.tile(size_ids, (2, 1))}

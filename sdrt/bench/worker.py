@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 import time
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from sdrt.errors import UserError
 
 
 class SdrtSide:
-    def __init__(self, path: str, backend: str, threads: int | None, embeddings: list[str]):
+    def __init__(self, path: str, backend: str, threads: int | None, embeddings: Sequence[str] = ()):
         from sdrt.runtime import Pipeline
         from sdrt.runtime.backends import THREADED_BACKENDS
 
@@ -49,7 +50,7 @@ class SdrtSide:
 
 
 class DiffusersSide:
-    def __init__(self, path: str, device: str, threads: int | None, embeddings: list[str]):
+    def __init__(self, path: str, device: str, threads: int | None, embeddings: Sequence[str] = ()):
         import torch
 
         from sdrt.bench.reference import diffusers_pipeline

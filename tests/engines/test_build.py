@@ -51,10 +51,12 @@ def test_force_upcast_vae_starts_in_fp32(engine_dir):
 def test_sdxl_profiles_cover_the_second_encoder_and_the_added_conditioning():
     from sdrt.engines.profiles import component_profiles
 
-    model = {"vae_scale_factor": 8, "size_multiple": 8, "default_height": 1024, "default_width": 1024}
+    model = {"vae_scale_factor": 8, "size_multiple": 8, "default_height": 1024, "default_width": 1024,
+             "text_max_length": 77}
     req = make_request(model, batch="1:1:2")
     (enc2,) = component_profiles("text_encoder_2", [{"name": "input_ids", "shape": ["batch", 77]}], model, req)
-    assert enc2["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [4, 77]}  # prompts and negatives
+    # prompts and negatives, each as up to 3 prompt chunks (the default --prompt-chunks 1:1:3)
+    assert enc2["input_ids"] == {"min": [1, 77], "opt": [1, 77], "max": [12, 77]}
     unet_inputs = [{"name": n, "dtype": "float32", "shape": s} for n, s in (
         ("sample", ["batch", 4, "latent_height", "latent_width"]), ("text_embeds", ["batch", 1280]),
         ("time_ids", ["batch", 6]), ("timestep_cond", ["batch", 256]))]
