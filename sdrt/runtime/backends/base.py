@@ -51,6 +51,13 @@ class Session(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (device buffers, sessions)."""
 
+    def dim_limit(self, name: str, axis: int) -> int | None:
+        """The largest size input ``name`` takes on ``axis``: its fixed size, or None when dynamic and unbounded
+        (a backend with bounded shapes, such as TensorRT's profiles, says its bound)."""
+        spec = next(s for s in self.inputs if s.name == name)
+        dim = spec.shape[axis]
+        return dim if isinstance(dim, int) and dim >= 0 else None
+
 
 class Backend(abc.ABC):
     """A way to run components of an engine directory."""
@@ -58,8 +65,13 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def load(self, manifest, component: str) -> Session:
-        """Load ``component`` of the engine directory described by ``manifest`` (a runtime Manifest)."""
+    def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> Session:
+        """Load ``component`` of the engine directory described by ``manifest`` (a runtime Manifest).
+
+        ``initializers``: ONNX initializer name -> the value to use instead of the graph's (textual-inversion
+        rows, patched weights), applied when the session is made; the files are not changed. A backend that
+        cannot replace weights raises a UserError when given any.
+        """
 
     def describe(self) -> str:
         return self.name

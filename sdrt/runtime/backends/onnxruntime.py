@@ -17,6 +17,7 @@ import numpy as np
 
 from sdrt.errors import MissingDependencyError, StageError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
+from sdrt.runtime.onnx_weights import check_overrides
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -45,10 +46,11 @@ def runs_variant(ort_version: str, variant: dict) -> bool:
 
 
 class OrtSession(Session):
-    def __init__(self, component: str, session, inputs, outputs, use_io_binding: bool, path=None):
+    def __init__(self, component: str, session, inputs, outputs, use_io_binding: bool, path=None, keep=()):
         self.component = component
         self.path = path  # the graph file this session runs (a "cpu" variant or the portable model.onnx)
         self._session = session
+        self._keep = keep  # the OrtValues of initializer overrides: onnxruntime uses them without a copy
         self.inputs = inputs
         self.outputs = outputs
         self._output_names = [o.name for o in outputs]
@@ -112,7 +114,7 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         return opts
 
-    def load(self, manifest, component: str) -> OrtSession:
+    def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> OrtSession:
         ort = self._ort()
         entry = manifest.component(component)
         # The CPU provider runs a component's "cpu" variant where export wrote one (the UNet with fused attention,
@@ -120,8 +122,15 @@ class OnnxRuntimeBackend(Backend):
         variant = entry.get("variants", {}).get("cpu") if self.device == "cpu" else None
         use_variant = variant is not None and runs_variant(ort.__version__, variant)
         path = manifest.graph_path(component, "cpu" if use_variant else None)
+        opts = self.session_options()
+        keep = []
+        if initializers:
+            check_overrides(component, path, initializers)
+            for name, value in initializers.items():
+                keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+                opts.add_initializer(name, keep[-1])
         try:
-            session = ort.InferenceSession(str(path), self.session_options(), providers=PROVIDERS[self.device])
+            session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.device])
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
             raise UserError(f"component {component!r}: {path} could not be loaded ({str(e).splitlines()[0]})") from None
         inputs = tuple(TensorSpec.from_dict(d) for d in entry["inputs"])
@@ -131,7 +140,8 @@ class OnnxRuntimeBackend(Backend):
             raise UserError(
                 f"component {component!r}: graph inputs {graph_inputs} differ from the manifest's "
                 f"{[s.name for s in inputs]} (corrupt engine directory)")
-        return OrtSession(component, session, inputs, outputs, use_io_binding=self.device != "cpu", path=path)
+        return OrtSession(component, session, inputs, outputs, use_io_binding=self.device != "cpu", path=path,
+                          keep=tuple(keep))
 
     def describe(self) -> str:
         return f"{self.name} ({self.threads} threads)" if self.device == "cpu" else self.name

@@ -15,6 +15,7 @@ import numpy as np
 from sdrt.errors import MissingDependencyError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
 from sdrt.runtime.backends.onnxruntime import available_cores
+from sdrt.runtime.onnx_weights import check_overrides
 
 
 class OpenVinoSession(Session):
@@ -52,7 +53,7 @@ class OpenVinoBackend(Backend):
         """OpenVINO's compile properties for every component (the benchmarks use them too): f32, latency."""
         return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
 
-    def load(self, manifest, component: str) -> OpenVinoSession:
+    def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> OpenVinoSession:
         try:
             import openvino as ov
         except ImportError:
@@ -61,7 +62,11 @@ class OpenVinoBackend(Backend):
         path = Path(manifest.engine_dir) / entry["file"]
         core = ov.Core()
         try:
-            compiled = core.compile_model(core.read_model(str(path)), self.device, self.compile_config())
+            model = core.read_model(str(path))
+            if initializers:
+                check_overrides(component, path, initializers)
+                _replace_constants(model, initializers)
+            compiled = core.compile_model(model, self.device, self.compile_config())
         except RuntimeError as e:
             raise UserError(f"component {component!r}: OpenVINO could not load {path} ({str(e).splitlines()[0]})") from None
         inputs = tuple(TensorSpec.from_dict(d) for d in entry["inputs"])
@@ -70,3 +75,22 @@ class OpenVinoBackend(Backend):
 
     def describe(self) -> str:
         return f"openvino {self.device} f32 ({self.threads} threads)"
+
+
+def _replace_constants(model, values: Mapping[str, np.ndarray]) -> None:
+    """Point every user of the Constant an ONNX initializer became (same name) at a new Constant of ``values``."""
+    from openvino import opset13
+
+    constants = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            for name in {op.get_friendly_name(), *op.output(0).get_names()}:
+                constants[name] = op
+    for name, value in values.items():
+        if name not in constants:
+            raise UserError(f"OpenVINO's reading of the graph has no constant {name!r} to replace (it was folded away)")
+        new = opset13.constant(np.ascontiguousarray(value))
+        new.set_friendly_name(name)
+        for target in list(constants[name].output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    model.validate_nodes_and_infer_types()

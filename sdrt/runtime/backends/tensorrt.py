@@ -97,7 +97,10 @@ class TensorRTBackend(Backend):
         self.max_shape_sets = max_shape_sets
         self._gpu: tuple[str, str] | None = None
 
-    def load(self, manifest, component: str) -> "TensorRTSession":
+    def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> "TensorRTSession":
+        if initializers:
+            raise UserError(f"{component}: the tensorrt backend cannot replace weights (its plans hold them); "
+                            f"embeddings and other weight overrides need --backend cpu, ort-cuda or openvino")
         trt = import_tensorrt()
         from sdrt.runtime.backends import cuda
 
@@ -245,6 +248,10 @@ class TensorRTSession(Session):
     def _enqueue(self, eng: _Engine) -> None:
         if not eng.context.execute_async_v3(self._stream.handle):
             raise RuntimeError(f"{self.component}: TensorRT execute_async_v3 failed")
+
+    def dim_limit(self, name: str, axis: int) -> int | None:
+        """The largest size any usable plan's profiles allow."""
+        return max(p[name]["max"][axis] for e in self.entries for p in e["profiles"])
 
     def run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         shapes = {n: tuple(int(d) for d in a.shape) for n, a in feeds.items()}
