@@ -26,7 +26,8 @@ def _cmd_export(args) -> int:
     from sdrt.export import export_model
 
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
-                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet)
+                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
+                 loras=args.lora)
     print(args.engine_dir)
     return 0
 
@@ -45,6 +46,10 @@ def _add_export(sub) -> None:
                    help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder (default: all)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickle-based weights (.bin/.ckpt) when no safetensors exist; only for trusted files")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (.safetensors, kohya or diffusers/peft keys) into the exported UNet and text "
+                        "encoder weights, scale 1 unless given; repeatable. Without it, LoRAs can still be applied "
+                        "at run time (sdrt generate/serve --lora)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

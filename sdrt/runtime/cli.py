@@ -33,7 +33,7 @@ def _cmd_generate(args) -> int:
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
-    pipe = Pipeline(args.engine_dir, backend=args.backend)
+    pipe = Pipeline(args.engine_dir, backend=args.backend, loras=args.lora)
     init, height, width = None, args.height, args.width
     if args.init_image:
         # --height/--width resize the init image; the image then defines the size
@@ -110,6 +110,9 @@ def add_generate(sub) -> None:
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the image (0, 1]")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
+                        "repeatable; no re-export")
     p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)

@@ -20,6 +20,7 @@ import numpy as np
 
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
+from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
@@ -29,6 +30,7 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = 0.8
 MAX_SEED = 2**64 - 1
+LORA_COMPONENTS = ("text_encoder", "unet")  # the components a LoRA may patch in this pipeline
 
 
 @dataclass
@@ -143,8 +145,13 @@ class Pipeline:
     """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
-                 backend_options: dict | None = None, load_encoder: bool = False):
-        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call."""
+                 backend_options: dict | None = None, load_encoder: bool = False, loras: Sequence = ()):
+        """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call.
+
+        ``loras``: LoRA files applied at load, each ``"FILE[:SCALE]"`` or ``(file, scale)``: their deltas are
+        added to the exported weights in numpy and the sessions load with those (sdrt.runtime.lora); nothing
+        is re-exported. Another set of LoRAs is another Pipeline.
+        """
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
@@ -158,12 +165,14 @@ class Pipeline:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
         self._encoder_lock = threading.Lock()
+        self.loras = load_loras(loras)
+        check_components(self.loras, LORA_COMPONENTS, str(self.engine_dir))
         wanted = ["text_encoder", "unet", "vae_decoder"]
         if load_encoder and self.manifest.has("vae_encoder"):
             wanted.append("vae_encoder")
         try:
             for comp in wanted:
-                self.sessions[comp] = self.backend.load(self.manifest, comp)
+                self.sessions[comp] = self._load(comp)
         except BaseException:
             self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
             raise
@@ -246,8 +255,18 @@ class Pipeline:
                 raise UserError(f"{self.engine_dir} has no vae_encoder; img2img needs it (re-export with it)")
             with self._encoder_lock:
                 if "vae_encoder" not in self.sessions:
-                    self.sessions["vae_encoder"] = self.backend.load(self.manifest, "vae_encoder")
+                    self.sessions["vae_encoder"] = self._load("vae_encoder")
         return self.sessions["vae_encoder"]
+
+    def _load(self, component: str):
+        """One session; with LoRAs, over the patched initializers (made here, handed to the backend)."""
+        patched = lora_initializers(self.manifest, component, self.loras) if self.loras else {}
+        if not patched:
+            return self.backend.load(self.manifest, component)
+        try:
+            return self.backend.load(self.manifest, component, initializers=patched)
+        finally:
+            patched.clear()  # the session keeps what it needs
 
     def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
         """Image [1,3,H,W] in [-1,1] -> scaled latents, sampling the VAE posterior as diffusers does."""
