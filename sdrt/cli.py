@@ -27,7 +27,7 @@ def _cmd_export(args) -> int:
 
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
                  components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
-                 loras=args.lora)
+                 loras=args.lora, vae=args.vae, prediction_type=args.prediction_type, config_dir=args.config)
     print(args.engine_dir)
     return 0
 
@@ -38,7 +38,9 @@ def _add_export(sub) -> None:
                                    "PyTorch (relative L2 <= 1e-4), and write ENGINE_DIR with its manifest sdrt.json. The UNet "
                                    "and VAE also get model.ort.onnx, the form ONNX Runtime's CPU provider runs "
                                    "fastest, over the same weights file and checked the same way.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format Stable Diffusion checkpoint folder")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a diffusers-format Stable Diffusion checkpoint folder, or one .safetensors file in the "
+                        "original (LDM) layout, SD1.x or SD2.x, converted offline with configs sdrt ships")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine directory to write")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (14..20, default 17)")
@@ -50,6 +52,15 @@ def _add_export(sub) -> None:
                    help="fuse a LoRA (.safetensors, kohya or diffusers/peft keys) into the exported UNet and text "
                         "encoder weights, scale 1 unless given; repeatable. Without it, LoRAs can still be applied "
                         "at run time (sdrt generate/serve --lora)")
+    p.add_argument("--vae", default=None, metavar="FILE",
+                   help="single file: a separate VAE .safetensors to use instead of (or for want of) the file's own")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="single file: what the UNet predicts (SD2.x files do not say; default: a 'v_pred' key, "
+                        "else epsilon for SD1.x, else AUTOMATIC1111's test on the weights); the manifest records "
+                        "which and how")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="single file: a diffusers folder whose configs and tokenizer describe the file's model "
+                        "(default: the ones sdrt ships for the detected family)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

@@ -98,8 +98,13 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
 def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
                  opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
                  allow_pickle: bool = False, progress: bool = True, cpu_variants: bool = True,
-                 loras: Sequence = (), log: Callable[[str], None] | None = None) -> dict:
+                 loras: Sequence = (), vae: str | os.PathLike | None = None, prediction_type: str | None = None,
+                 config_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
+
+    ``model_dir`` is a diffusers folder or a single ``.safetensors`` file in the original layout
+    (sdrt.export.single_file), which takes ``vae`` (a separate VAE file), ``prediction_type`` and
+    ``config_dir`` (configs to convert with, instead of those sdrt ships for the family).
 
     ``loras``: LoRA files fused into the exported weights, each ``"FILE[:SCALE]"`` or ``(file, scale)``
     (sdrt.runtime.lora). The text encoder and UNet also get a weight map (``weight_map.json`` beside the
@@ -113,6 +118,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     so an export that fails or is killed leaves no half-written engine directory.
     """
     from sdrt.export.checkpoint import Checkpoint
+    from sdrt.export.single_file import convert_single_file, inspect_single_file
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     comps = parse_components(components)
@@ -124,7 +130,13 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         raise UserError(f"ENGINE_DIR {str(engine_dir)!r} is or contains MODEL_DIR; choose another folder")
     if engine_dir.exists() and not force:
         raise UserError(f"{engine_dir} already exists; pass --force to replace it")
-    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    single = inspect_single_file(model_dir) if Path(model_dir).is_file() else None
+    if single is None:
+        for flag, value in (("--vae", vae), ("--prediction-type", prediction_type), ("--config", config_dir)):
+            if value is not None:
+                raise UserError(f"{flag} applies to single-file checkpoints; {model_dir} is a folder (its own "
+                                "configs and scheduler decide)")
+        ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
     lora_files = load_loras(loras)
     check_components(lora_files, [c for c in comps if c in LORA_COMPONENTS], "this export")
     _require_torch()
@@ -140,7 +152,13 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     tmp = engine_dir.with_name(f".{engine_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    converted = engine_dir.with_name(f".{engine_dir.name}.source-{os.getpid()}")
     try:
+        single_record = None
+        if single is not None:  # converted by diffusers into a diffusers folder beside the target, exported from there
+            single_record = convert_single_file(single, converted, vae=vae, prediction_type=prediction_type,
+                                                config_dir=config_dir, log=log)
+            ckpt = Checkpoint.open(converted)
         tok = export_tokenizer(ckpt.path, tmp / "tokenizer")
         numbers = ckpt.model_numbers(tok)
         (tmp / "scheduler").mkdir()
@@ -202,6 +220,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         loaded.clear()
         source = {"path": str(model_path), "pipeline_class": ckpt.model_index.get("_class_name"),
                   "config_sha256": _config_digest(ckpt), "loras": _lora_records(lora_files)}
+        if single_record is not None:
+            source["single_file"] = single_record
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
             "model": numbers, "tokenizer": tok, "components": entries, "tools": _tool_versions(opset),
@@ -212,6 +232,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
     return manifest
 
 
