@@ -248,7 +248,7 @@ def fuse_loras(model, component: str, loras) -> int:
     n = 0
     with torch.no_grad():
         for name, delta in lora_deltas(loras, component, {k: tuple(w.shape) for k, w in weights.items()}):
-            weights[name].add_(torch.from_numpy(delta).to(weights[name].dtype))
+            weights[name].add_(torch.from_numpy(delta.value()).to(weights[name].dtype))
             n += 1
     return n
 

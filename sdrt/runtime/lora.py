@@ -57,8 +57,8 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:
-        """``scale * alpha/rank * up @ down`` as a float32 array of the patched weight's ``shape``."""
+    def factors(self, shape: Sequence[int], scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(``scale * alpha/rank * up`` [out, rank], ``down`` [rank, in * kh * kw]) for the weight of ``shape``."""
         r = self.rank
         up = self.up.reshape(self.up.shape[0], -1)
         down = self.down.reshape(r, -1)
@@ -68,7 +68,38 @@ class LoraLayer:
                 f"LoRA layer {self.key!r}: up {list(self.up.shape)} x down {list(self.down.shape)} does not fit "
                 f"the model's weight {list(shape)} (a LoRA made for another model?)")
         factor = np.float32(scale * (1.0 if self.alpha is None else self.alpha / r))
-        return (up.astype(np.float32) @ down.astype(np.float32) * factor).reshape(tuple(shape))
+        return up.astype(np.float32) * factor, down.astype(np.float32)
+
+    def delta(self, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:
+        """``scale * alpha/rank * up @ down`` as a float32 array of the patched weight's ``shape``."""
+        return Delta(tuple(shape), [self.factors(shape, scale)]).value()
+
+
+@dataclass
+class Delta:
+    """The summed delta of one weight, kept as low-rank factors (sum of up @ down) until it is laid out."""
+
+    shape: tuple[int, ...]                        # the torch weight's
+    factors: list[tuple[np.ndarray, np.ndarray]]  # (up [out, r], down [r, in * kh * kw]), scales folded into up
+
+    def value(self, rows: Sequence[int] | None = None, transpose: bool = False,
+              scratch: np.ndarray | None = None) -> np.ndarray:
+        """The delta in the torch layout, or its ``rows`` [start, stop), or (``transpose``) those as a matrix
+        transposed, computed as down.T @ up.T so that it comes out contiguous. With ``scratch`` (a flat float32
+        buffer at least as large), the result is a view of it: no fresh memory to fault in per weight."""
+        out = None
+        for up, down in self.factors:
+            u = up if rows is None else up[rows[0]:rows[1]]
+            a, b = (down.T, u.T) if transpose else (u, down)
+            if out is None:
+                size = a.shape[0] * b.shape[1]
+                buf = None if scratch is None or scratch.size < size else scratch[:size].reshape(a.shape[0], -1)
+                out = np.matmul(a, b, out=buf)
+            else:
+                out += a @ b
+        if transpose:
+            return out
+        return out.reshape((out.shape[0], *self.shape[1:]))
 
 
 @dataclass
@@ -245,21 +276,18 @@ def check_components(loras: Sequence[tuple[LoraFile, float]], components: Iterab
 
 
 def lora_deltas(loras: Sequence[tuple[LoraFile, float]], component: str,
-                weights: Mapping[str, Sequence[int]]) -> Iterator[tuple[str, np.ndarray]]:
-    """(weight name, summed delta in the torch weight's layout) for every weight of ``component`` that
-    ``loras`` patch. Every file is matched first (an unmatched layer fails before any work); then the deltas
-    are made one weight at a time, so only one is alive at once.
+                weights: Mapping[str, Sequence[int]]) -> Iterator[tuple[str, Delta]]:
+    """(weight name, its summed delta) for every weight of ``component`` that ``loras`` patch. Every file is
+    matched first (an unmatched layer fails before any work); each delta is laid out by the caller, one
+    weight at a time, so only one full-size delta is alive at once.
 
     ``weights``: weight name (``<module path>.weight``) -> shape, every weight a LoRA may patch.
     """
     matches = [(lora.match(component, weights), scale) for lora, scale in loras]
     for weight in dict.fromkeys(w for layers, _ in matches for w in layers):
-        total = None
-        for layers, scale in matches:
-            if weight in layers:
-                d = layers[weight].delta(weights[weight], scale)
-                total = d if total is None else np.add(total, d, out=total)
-        yield weight, total
+        shape = tuple(weights[weight])
+        yield weight, Delta(shape, [layers[weight].factors(shape, scale) for layers, scale in matches
+                                    if weight in layers])
 
 
 # ---- run time: the exported initializers, patched -----------------------------------------------------------
@@ -290,6 +318,8 @@ def lora_initializers(manifest, component: str, loras: Sequence[tuple[LoraFile, 
     graph_path = manifest.graph_path(component)
     stored = graph_initializers(graph_path)
     patched: dict[str, np.ndarray] = {}
+    touched = [int(np.prod(e["shape"])) for e in weights.values()]
+    scratch = np.empty(max(touched, default=0), np.float32)  # every delta is laid out here in turn
     for weight, delta in lora_deltas(loras, component, {w: e["shape"] for w, e in weights.items()}):
         entry = weights[weight]
         if "initializers" not in entry:
@@ -297,19 +327,19 @@ def lora_initializers(manifest, component: str, loras: Sequence[tuple[LoraFile, 
                             f"graph ({entry.get('unmapped')}); fuse this LoRA with `sdrt export --lora`")
         for place in entry["initializers"]:
             name = place["name"]
-            part = delta[slice(*place["rows"])] if "rows" in place else delta
             init = stored.get(name)
-            if part.ndim == 4 and init is not None and len(init.shape) == 2:  # a 1x1 conv stored as a matrix
-                part = part.reshape(part.shape[:2])
-            part = part.T if place.get("transpose") else part
-            if init is None or tuple(init.shape) != part.shape or init.dtype != "float32":
-                raise UserError(f"{graph_path}: initializer {name!r} of {weight!r} is not the float32 "
-                                f"{list(part.shape)} the weight map records (corrupt engine directory; re-export)")
+            if init is None or init.dtype != "float32":
+                raise UserError(f"{graph_path}: initializer {name!r} of {weight!r} is not the float32 weight the "
+                                f"weight map records (corrupt engine directory; re-export)")
             if init.file is None or init.file == graph_path:
                 raise UserError(f"{graph_path}: initializer {name!r} is stored inside the graph, not in its weights "
                                 f"file (an engine exported by an older sdrt); re-export it to apply LoRAs")
+            part = delta.value(place.get("rows"), place.get("transpose", False), scratch)
+            if part.size != int(np.prod(init.shape)):
+                raise UserError(f"{graph_path}: initializer {name!r} is {list(init.shape)}, not the {list(part.shape)} "
+                                f"the weight map records for {weight!r} (corrupt engine directory; re-export)")
             value = init.read()
-            value += part
+            value += part.reshape(init.shape)  # a 1x1 conv may be stored as a matrix
             patched[name] = value
-        del delta
+            del part
     return patched
