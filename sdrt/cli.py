@@ -37,7 +37,10 @@ def _add_export(sub) -> None:
                        description="Trace text encoder, UNet, VAE decoder and encoder to ONNX, check each against "
                                    "PyTorch (relative L2 <= 1e-4), and write ENGINE_DIR with its manifest sdrt.json. The UNet "
                                    "and VAE also get model.ort.onnx, the form ONNX Runtime's CPU provider runs "
-                                   "fastest, over the same weights file and checked the same way.")
+                                   "fastest, over the same weights file and checked the same way. The text encoder and UNet "
+                                   "get a weight map (where each weight went) so that LoRAs apply at run time without "
+                                   "re-export. MODEL_DIR may be a single-file .safetensors checkpoint (SD1.x, SD2.x), "
+                                   "converted offline.")
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="a diffusers-format Stable Diffusion checkpoint folder, or one .safetensors file in the "
                         "original (LDM) layout, SD1.x or SD2.x, converted offline with configs sdrt ships")
