@@ -32,7 +32,8 @@ def _cmd_export(args) -> int:
     from sdrt.export import export_model
 
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
-                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet)
+                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
+                 loras=args.lora, vae=args.vae, prediction_type=args.prediction_type, config_dir=args.config)
     print(args.engine_dir)
     return 0
 
@@ -42,10 +43,15 @@ def _add_export(sub) -> None:
                        description="Trace text encoder, UNet, VAE decoder and encoder to ONNX, check each against "
                                    "PyTorch (relative L2 <= 1e-4), and write ENGINE_DIR with its manifest sdrt.json. The UNet "
                                    "and VAE also get model.ort.onnx, the form ONNX Runtime's CPU provider runs "
-                                   "fastest, over the same weights file and checked the same way. Written into a hidden "
-                                   "folder beside ENGINE_DIR and renamed into place; a failure, Ctrl-C or SIGTERM "
-                                   "removes it, and the next export removes one a killed export left.")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="diffusers-format Stable Diffusion checkpoint folder")
+                                   "fastest, over the same weights file and checked the same way. The text encoder and UNet "
+                                   "get a weight map (where each weight went) so that LoRAs apply at run time without "
+                                   "re-export. MODEL_DIR may be a single-file .safetensors checkpoint (SD1.x, SD2.x), "
+                                   "converted offline. Written into a hidden folder beside ENGINE_DIR and renamed into "
+                                   "place; a failure, Ctrl-C or SIGTERM removes it, and the next export removes one a "
+                                   "killed export left.")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="a diffusers-format Stable Diffusion checkpoint folder, or one .safetensors file in the "
+                        "original (LDM) layout, SD1.x or SD2.x, converted offline with configs sdrt ships")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine directory to write")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (14..20, default 17)")
@@ -53,6 +59,19 @@ def _add_export(sub) -> None:
                    help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder (default: all)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickle-based weights (.bin/.ckpt) when no safetensors exist; only for trusted files")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (.safetensors, kohya or diffusers/peft keys) into the exported UNet and text "
+                        "encoder weights, scale 1 unless given; repeatable. Without it, LoRAs can still be applied "
+                        "at run time (sdrt generate/serve --lora)")
+    p.add_argument("--vae", default=None, metavar="FILE",
+                   help="single file: a separate VAE .safetensors to use instead of (or for want of) the file's own")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="single file: what the UNet predicts (SD2.x files do not say; default: a 'v_pred' key, "
+                        "else epsilon for SD1.x, else AUTOMATIC1111's test on the weights); the manifest records "
+                        "which and how")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="single file: a diffusers folder whose configs and tokenizer describe the file's model "
+                        "(default: the ones sdrt ships for the detected family)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

@@ -124,3 +124,22 @@ def umask(mask: int):
         yield
     finally:
         os.umask(old)
+
+
+@pytest.fixture(scope="session")
+def lora_files(model_dirs, tmp_path_factory) -> dict[tuple[str, str], list[Path]]:
+    """Two random LoRAs per (model kind, key format), UNet and text encoder: the first of rank 4 with alpha 2
+    (scale 1/2, and the ResNets' 3x3 convolutions too), the second of rank 2 without alpha (scale 1)."""
+    pytest.importorskip("diffusers")
+    from tools.make_loras import make_lora
+
+    base = tmp_path_factory.mktemp("loras")
+    out = {}
+    for kind, model in model_dirs.items():
+        for fmt in ("kohya", "peft"):
+            if fmt == "peft":
+                pytest.importorskip("peft")
+            out[kind, fmt] = [make_lora(model, base / f"{kind}-{fmt}-a.safetensors", fmt, rank=4, alpha=2.0, seed=3,
+                                        conv=True),
+                              make_lora(model, base / f"{kind}-{fmt}-b.safetensors", fmt, rank=2, seed=5)]
+    return out

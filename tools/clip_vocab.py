@@ -14,8 +14,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-N_MERGES = 49152 - 256 - 2  # as in CLIP's SimpleTokenizer: 48894
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from sdrt.export.clip_vocab import BOS, EOS, N_MERGES, vocab_from_merges, write_vocab_files  # noqa: F401
 
 
 def bpe_vocab_path() -> Path:
@@ -28,28 +27,11 @@ def bpe_vocab_path() -> Path:
     return path
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 @lru_cache(maxsize=1)
 def clip_merges_and_vocab() -> tuple[list[str], dict[str, int]]:
     lines = gzip.open(bpe_vocab_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == 49408, len(vocab)
-    return merges, vocab
+    return merges, vocab_from_merges(merges)
 
 
 def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS, model_max_length: int = 77) -> Path:
@@ -58,10 +40,8 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS, model_max_len
     SD1.x pads with ``<|endoftext|>``; SD2.x with ``"!"`` (id 0).
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    merges, vocab = clip_merges_and_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    merges, _ = clip_merges_and_vocab()
+    write_vocab_files(folder, merges)
     special = {
         "bos_token": {"content": BOS, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},
         "eos_token": {"content": EOS, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False},

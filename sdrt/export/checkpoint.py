@@ -67,7 +67,7 @@ class Checkpoint:
         if not index_path.is_file():
             raise UserError(
                 f"{str(path)!r} is not a diffusers checkpoint: model_index.json is missing "
-                "(single-file .ckpt/.safetensors checkpoints are not supported; convert with diffusers first)")
+                "(a single-file checkpoint is given as the .safetensors file itself)")
         index = _read_json(index_path)
         family = cls._family(path, index)
         text_encoders = TEXT_ENCODERS[family]

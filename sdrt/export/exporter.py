@@ -14,12 +14,16 @@ from typing import Callable, Sequence
 
 from sdrt import __version__
 from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.lora import check_components, load_loras, lora_deltas
 from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_files,
                                    write_json_atomic)
 
 DEFAULT_OPSET = 17
 VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU provider, over the same weights
 LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
+# The graphs LoRAs patch: they get a weight map, and their weights go to the external-data file, so the runtime
+# can hand onnxruntime patched values as external initializers, which every graph optimization then sees.
+LORA_COMPONENTS = ("text_encoder", "unet")
 
 
 def parse_components(text: str | Sequence[str] | None, available: Sequence[str] = COMPONENTS) -> list[str]:
@@ -91,8 +95,17 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
 def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
                  opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
                  allow_pickle: bool = False, progress: bool = True, cpu_variants: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 loras: Sequence = (), vae: str | os.PathLike | None = None, prediction_type: str | None = None,
+                 config_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
+
+    ``model_dir`` is a diffusers folder or a single ``.safetensors`` file in the original layout
+    (sdrt.export.single_file), which takes ``vae`` (a separate VAE file), ``prediction_type`` and
+    ``config_dir`` (configs to convert with, instead of those sdrt ships for the family).
+
+    ``loras``: LoRA files fused into the exported weights, each ``"FILE[:SCALE]"`` or ``(file, scale)``
+    (sdrt.runtime.lora). The text encoder and UNet also get a weight map (``weight_map.json`` beside the
+    graph: where each weight a LoRA can patch went), so LoRAs can be applied at run time without re-export.
 
     ``cpu_variants``: also write the graphs ONNX Runtime's CPU provider runs faster (``model.ort.onnx`` beside
     ``model.onnx``, over the same weights file): the UNet with fused attention, the VAE with GroupNorm as
@@ -102,6 +115,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     so an export that fails or is killed leaves no half-written engine directory.
     """
     from sdrt.export.checkpoint import Checkpoint
+    from sdrt.export.single_file import convert_single_file, inspect_single_file
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     parse_components(components)  # a name no checkpoint has is refused before the checkpoint is read
@@ -113,8 +127,19 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         raise UserError(f"ENGINE_DIR {str(engine_dir)!r} is or contains MODEL_DIR; choose another folder")
     if engine_dir.exists() and not force:
         raise UserError(f"{engine_dir} already exists; pass --force to replace it")
-    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
-    comps = parse_components(components, [c for c, _ in ckpt.text_encoders] + ["unet", "vae_decoder", "vae_encoder"])
+    single = inspect_single_file(model_dir) if Path(model_dir).is_file() else None
+    if single is None:
+        for flag, value in (("--vae", vae), ("--prediction-type", prediction_type), ("--config", config_dir)):
+            if value is not None:
+                raise UserError(f"{flag} applies to single-file checkpoints; {model_dir} is a folder (its own "
+                                "configs and scheduler decide)")
+        ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+        available = [c for c, _ in ckpt.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
+    else:  # SD1.x or SD2.x: one text encoder
+        available = [c for c in COMPONENTS if c != "text_encoder_2"]
+    comps = parse_components(components, available)
+    lora_files = load_loras(loras)
+    check_components(lora_files, [c for c in comps if c in LORA_COMPONENTS], "this export")
     _require_torch()
 
     import torch
@@ -129,7 +154,13 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     tmp = engine_dir.with_name(f".{engine_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    converted = engine_dir.with_name(f".{engine_dir.name}.source-{os.getpid()}")
     try:
+        single_record = None
+        if single is not None:  # converted by diffusers into a diffusers folder beside the target, exported from there
+            single_record = convert_single_file(single, converted, vae=vae, prediction_type=prediction_type,
+                                                config_dir=config_dir, log=log)
+            ckpt = Checkpoint.open(converted)
         toks = {name: export_tokenizer(ckpt.path, tmp / name, name) for _, name in ckpt.text_encoders}
         numbers = ckpt.model_numbers(toks)
         (tmp / "scheduler").mkdir()
@@ -147,6 +178,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 loaded.clear()
                 gc.collect()
                 loaded[source] = _load_source(ckpt, source, allow_pickle)
+                fuse_loras(loaded[source], source, lora_files)
             spec = specs[comp]
             module = spec.wrap(loaded).eval()
             check_inputs = example_inputs(spec, numbers, *check_shape, vocab, seed=1)
@@ -160,12 +192,13 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                         graph, data_file, variants = _export_unet_variants(
                             spec, module, loaded["unet"], trace_inputs, tmp / comp, opset, check_inputs, outputs)
                     else:
-                        graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
+                        graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset, external=True)
             elif comp.startswith("vae_") and cpu_variants and opset >= 17:
                 graph, data_file, variants = _export_vae_variants(
                     comp, spec, module, trace_inputs, tmp / comp, opset, check_inputs, outputs)
             else:
-                graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
+                graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset,
+                                                external=comp in LORA_COMPONENTS)
             _set_postfix(bar, comp, "parity")
             parity = check_parity(comp, graph, module, check_inputs, outputs)
             files = [graph] + ([graph.parent / data_file] if data_file else [])
@@ -180,16 +213,22 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 entries[comp]["variants"] = variants
             if comp == "text_encoder":
                 entries[comp]["token_embedding"] = token_embedding_record(graph, module)
+            if comp in LORA_COMPONENTS:
+                entries[comp]["weight_map"] = _write_weight_map(
+                    loaded[source], graph, [tmp / v["file"] for v in variants.values()])
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
             for name, v in variants.items():
                 log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
                     f"({name} variant: {v['file']})")
         loaded.clear()
+        source = {"path": str(model_path if single is not None else ckpt.path.resolve()),
+                  "pipeline_class": ckpt.model_index.get("_class_name"),
+                  "config_sha256": ckpt.config_sha256(), "loras": _lora_records(lora_files)}
+        if single_record is not None:
+            source["single_file"] = single_record
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "source": {"path": str(ckpt.path.resolve()), "pipeline_class": ckpt.model_index.get("_class_name"),
-                       "config_sha256": ckpt.config_sha256()},
+            "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
             "model": numbers, **toks, "components": entries, "tools": _tool_versions(opset),
             "engines": {},
         }
@@ -198,6 +237,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
     return manifest
 
 
@@ -216,6 +257,37 @@ def token_embedding_record(graph: Path, module) -> dict:
     return {"initializer": name, "shape": list(found.shape)}
 
 
+def fuse_loras(model, component: str, loras) -> int:
+    """Add the LoRAs' deltas of ``component`` to ``model``'s weights in place; returns how many weights changed.
+    The deltas are sdrt.runtime.lora's, the very numbers the runtime adds to an exported graph."""
+    import torch
+
+    from sdrt.export.weight_map import patchable_weights
+
+    weights = patchable_weights(model)
+    n = 0
+    with torch.no_grad():
+        for name, delta in lora_deltas(loras, component, {k: tuple(w.shape) for k, w in weights.items()}):
+            weights[name].add_(torch.from_numpy(delta.value()).to(weights[name].dtype))
+            n += 1
+    return n
+
+
+def _lora_records(loras) -> list[dict]:
+    return [{"file": str(lora.path.resolve()), "sha256": sha256_files([lora.path])[0], "scale": scale,
+             "format": lora.format} for lora, scale in loras]
+
+
+def _write_weight_map(model, graph: Path, variants: list[Path]) -> dict:
+    """Write ``weight_map.json`` beside ``graph``; returns the manifest's entry for it."""
+    from sdrt.export.weight_map import WEIGHT_MAP_FILE, build_weight_map, summary
+
+    record = build_weight_map(model, graph, tuple(variants))
+    path = graph.parent / WEIGHT_MAP_FILE
+    write_json_atomic(path, record)
+    return {"file": f"{graph.parent.name}/{WEIGHT_MAP_FILE}", "sha256": sha256_files([path])[0], **summary(record)}
+
+
 def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
     """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
     MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
@@ -231,7 +303,7 @@ def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset
     fuse_attention(unet)
     try:
         fused, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, name=VARIANT_FILE,
-                                        custom_opsets={CONTRIB_DOMAIN: 1})
+                                        custom_opsets={CONTRIB_DOMAIN: 1}, external=True)
     finally:
         unet.set_attn_processor(original if original else AttnProcessor2_0())
     model = onnx.load(str(fused), load_external_data=False)

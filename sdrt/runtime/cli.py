@@ -37,7 +37,8 @@ def _cmd_generate(args) -> int:
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
-    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding)
+    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding,
+                    loras=args.lora)
     # with --init-image, --height/--width resize the image (as load_init_image does), which then sets the size
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
@@ -126,6 +127,9 @@ def add_generate(sub) -> None:
                         "AUTOMATIC1111 reads them)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
+                        "repeatable; no re-export")
     p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)

@@ -4,7 +4,11 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
 
     {
       "format": "sdrt-engine", "format_version": 1,
-      "source": {"path": str, "pipeline_class": str, "config_sha256": str},
+      "source": {"path": str, "pipeline_class": str, "config_sha256": str,   # path: the folder or single file
+                 "loras": [{"file", "sha256", "scale", "format"}],     # fused by `sdrt export --lora`
+                 "single_file"?: {"file", "sha256", "family": "sd1" | "sd2", "configs": str,
+                                  "vae": {"file", "sha256"} | null,
+                                  "prediction_type": {"value": str, "how": str}}},   # how it was told
       "model": {                      # every model number, read from the checkpoint's configs
         "latent_channels": int,       # unet in_channels == vae latent_channels
         "vae_scale_factor": int,      # 2 ** (len(vae.block_out_channels) - 1)
@@ -45,8 +49,11 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
                    "variants": {"cpu": {"file", "sha256", "size_bytes", "parity",   # ONNX Runtime CPU's graph,
                                         "min_onnxruntime"?: str, ...}},    # same weights file; unet: fused
                                                            # attention; vae_*: GroupNorm as LayerNormalization
-                   "token_embedding": {"initializer": str, "shape": [vocab, hidden]}}  # text_encoder: the table
+                   "token_embedding": {"initializer": str, "shape": [vocab, hidden]},  # text_encoder: the table
                                                            # textual-inversion rows are added to (at run time)
+                   "weight_map": {"file": "unet/weight_map.json", "sha256", "mapped": int, "unmapped": int}}
+                                                           # text_encoder, unet: where each Linear/Conv2d weight
+                                                           # went (sdrt.export.weight_map), for run-time LoRAs
       },
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},
       "engines": { "<component>": [ {"key", "precision", "profiles", "tensorrt_version", ...} ] }  # by `sdrt build`

@@ -41,7 +41,7 @@ class Initializer:
         if self.nbytes != count * np.dtype(self.dtype).itemsize or self.file.stat().st_size < self.offset + self.nbytes:
             raise UserError(f"{self.file}: initializer {self.name!r} is truncated (corrupt engine directory)")
         return np.fromfile(self.file, dtype=np.dtype(self.dtype).newbyteorder("<"), count=count,
-                           offset=self.offset).astype(self.dtype).reshape(self.shape)
+                           offset=self.offset).astype(self.dtype, copy=False).reshape(self.shape)
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:

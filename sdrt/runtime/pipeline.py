@@ -25,6 +25,7 @@ import numpy as np
 
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
+from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import Manifest
 from sdrt.runtime.prompts import PromptReader, PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
@@ -42,6 +43,7 @@ DEFAULT_AESTHETIC_SCORE = 6.0           # diffusers' StableDiffusionXLImg2ImgPip
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 logger = logging.getLogger(__name__)
+LORA_COMPONENTS = ("text_encoder", "unet")  # the components a LoRA may patch in this pipeline
 
 
 @dataclass
@@ -254,9 +256,14 @@ class Pipeline:
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
                  backend_options: dict | None = None, load_encoder: bool = False,
-                 embeddings: Sequence[str | os.PathLike] = ()):
+                 embeddings: Sequence[str | os.PathLike] = (), loras: Sequence = ()):
         """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call.
-        ``embeddings``: textual-inversion files, ``FILE[:TOKEN]`` (sdrt.runtime.embeddings)."""
+        ``embeddings``: textual-inversion files, ``FILE[:TOKEN]`` (sdrt.runtime.embeddings).
+
+        ``loras``: LoRA files applied at load, each ``"FILE[:SCALE]"`` or ``(file, scale)``: their deltas are
+        added to the exported weights in numpy and the sessions load with those (sdrt.runtime.lora); nothing
+        is re-exported. Another set of LoRAs is another Pipeline.
+        """
         if backend_options is not None and not isinstance(backend_options, dict):
             raise UserError(f"backend_options {_shown(backend_options)}: must be a dict of the backend's options")
         self.manifest = Manifest.load(engine_dir, verify=verify)
@@ -285,6 +292,8 @@ class Pipeline:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
         self._encoder_lock = threading.Lock()
+        self.loras = load_loras(loras)
+        check_components(self.loras, LORA_COMPONENTS, str(self.engine_dir))
         wanted = [*self.model.text_encoder_components, "unet", "vae_decoder"]
         if load_encoder and self.manifest.has("vae_encoder"):
             wanted.append("vae_encoder")
@@ -308,10 +317,16 @@ class Pipeline:
         return {"text_encoder": table}, vectors
 
     def _load(self, component: str):
-        overrides = self._initializers.get(component)
-        if overrides:
-            return self.backend.load(self.manifest, component, initializers=overrides)
-        return self.backend.load(self.manifest, component)
+        """One session; with LoRAs or embeddings, over the replaced initializers (made here, handed to the
+        backend): the LoRAs' patched weights and the token-embedding table with the embeddings' rows."""
+        patched = lora_initializers(self.manifest, component, self.loras) if self.loras else {}
+        patched.update(self._initializers.get(component, {}))
+        if not patched:
+            return self.backend.load(self.manifest, component)
+        try:
+            return self.backend.load(self.manifest, component, initializers=patched)
+        finally:
+            patched.clear()  # the session keeps what it needs
 
     def _chunk_limit(self) -> tuple[int | None, str]:
         """How many prompt chunks the UNet takes (None: any number), and why no more."""
@@ -485,6 +500,7 @@ class Pipeline:
                 if "vae_encoder" not in self.sessions:
                     self.sessions["vae_encoder"] = self._load("vae_encoder")
         return self.sessions["vae_encoder"]
+
 
     def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
         """Image [1,3,H,W] in [-1,1] -> scaled latents, sampling the VAE posterior as diffusers does."""

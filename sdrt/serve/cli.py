@@ -21,12 +21,15 @@ def _cmd_serve(args) -> int:
         raise UserError(f"--port {args.port}: must be in 1..65535")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise UserError(f"--max-pixels {args.max_pixels}: must be >= 1")
+    from sdrt.runtime.lora import load_loras
+
+    loras = load_loras(args.lora)  # a bad file is refused before the service starts
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServeConfig(engine_dir=args.engine_dir, host=args.host, port=args.port, max_batch=args.max_batch,
                          max_queue=args.max_queue, timeout=args.timeout, backend=args.backend,
                          api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
                          max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
-                         embeddings=args.embedding)
+                         embeddings=args.embedding, loras=loras)
     return serve(config)
 
 
@@ -63,6 +66,9 @@ def add_subcommand(sub) -> None:
                    help="width x height per image (default: 4x the model's default size)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors) prompts may use as TOKEN; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
+                        "repeatable; no re-export")
     p.add_argument("--no-warmup", action="store_true",
                    help="ready without the warm-up step (the first request then pays for it)")
     p.set_defaults(func=_cmd_serve)

@@ -37,6 +37,7 @@ class ServeConfig:
     warmup: bool = True
     embeddings: list = field(default_factory=list)   # textual-inversion files, FILE[:TOKEN]
     backend_options: dict = field(default_factory=dict)
+    loras: list = field(default_factory=list)   # LoRAs applied at load: "FILE[:SCALE]" or (file, scale) each
 
     def api_key(self) -> str | None:
         if self.api_key_env is None:
@@ -53,7 +54,7 @@ def build_engine(config: ServeConfig):
     from sdrt.serve.engine import Engine, Limits
 
     pipeline = Pipeline(config.engine_dir, backend=config.backend, backend_options=config.backend_options or None,
-                        embeddings=config.embeddings)
+                        embeddings=config.embeddings, loras=config.loras)
     try:
         engine = Engine(pipeline, max_batch=config.max_batch, max_queue=config.max_queue, timeout=config.timeout,
                         limits=Limits(max_pixels=config.max_pixels, max_steps=config.max_steps,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_one_line_error, run_cli
@@ -84,3 +85,22 @@ def test_serve_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_loras_are_checked_before_serving_and_reach_the_pipeline(sd1_engine, lora_files, tmp_path):
+    from sdrt.serve.server import ServeConfig, build_engine
+
+    assert_one_line_error(run_cli("serve", sd1_engine, "--lora", tmp_path / "none.safetensors"),
+                          "none.safetensors", "does not exist")
+    lora = lora_files["sd1-tiny", "kohya"][1]
+    engine = build_engine(ServeConfig(str(sd1_engine), loras=[(lora, 0.5)], warmup=False))
+    try:
+        assert [(f.path, s) for f, s in engine.pipeline.loras] == [(lora, 0.5)]
+        job = engine.submit("a red circle", steps=2, seed=3, guidance=1.0)
+        served = job.wait().images[0]
+    finally:
+        engine.close()
+    from sdrt.runtime import Pipeline
+
+    alone = Pipeline(sd1_engine, loras=[(lora, 0.5)]).generate("a red circle", steps=2, seed=3, guidance=1.0)
+    np.testing.assert_array_equal(served, alone.images[0])

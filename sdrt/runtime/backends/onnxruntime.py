@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from sdrt.errors import MissingDependencyError, StageError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
-from sdrt.runtime.onnx_weights import check_overrides
+from sdrt.runtime.onnx_weights import check_overrides, graph_initializers
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -43,6 +44,30 @@ def runs_variant(ort_version: str, variant: dict) -> bool:
     (the same numbers come from the portable graph otherwise, only slower)."""
     need = variant.get("min_onnxruntime")
     return need is None or _version(ort_version) >= _version(need)
+
+
+def _add_overrides(ort, opts, path: Path, initializers: Mapping[str, np.ndarray]) -> list:
+    """Hand onnxruntime the replacement initializers; returns the OrtValues, which it uses without a copy.
+
+    One of the same shape as a stored external-data initializer is swapped in as the graph loads
+    (``add_external_initializers``), so every graph optimization sees it; the others (stored inside the graph,
+    or of another shape, as an embedding table with rows added) replace the graph's in the session
+    (``add_initializer``). The latter is not seen by the CPU provider's NCHWc pass, which reorders convolution
+    weights from the graph's own values, so conv weights must come the first way (export stores the weights a
+    LoRA patches in the external-data file for this).
+    """
+    stored = graph_initializers(path)
+    keep, external = [], {}
+    for name, value in initializers.items():
+        keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        init = stored[name]
+        if init.file is not None and init.file != Path(path) and tuple(value.shape) == init.shape:
+            external[name] = keep[-1]
+        else:
+            opts.add_initializer(name, keep[-1])
+    if external:
+        opts.add_external_initializers(list(external), list(external.values()))
+    return keep
 
 
 class OrtSession(Session):
@@ -126,9 +151,7 @@ class OnnxRuntimeBackend(Backend):
         keep = []
         if initializers:
             check_overrides(component, path, initializers)
-            for name, value in initializers.items():
-                keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
-                opts.add_initializer(name, keep[-1])
+            keep = _add_overrides(ort, opts, path, initializers)
         try:
             session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[self.device])
         except Exception as e:  # ORT raises its own exception types for corrupt or truncated graphs
