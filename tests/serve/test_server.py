@@ -4,9 +4,7 @@ finish, exit 0), one structured log line per request, one-line errors for bad op
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,37 +12,14 @@ import time
 import pytest
 
 from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.serve.conftest import start_serve
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(engine_dir, *args, env=None):
-    port = _free_port()
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "serve", str(engine_dir), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "not ready in time"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
 def test_sigterm_drains_then_exits_zero(sd1_engine):
-    proc, url = _start(sd1_engine, "--drain-timeout", "60")
+    proc, url = start_serve(sd1_engine, "--drain-timeout", "60")
     try:
         job = httpx.post(f"{url}/v1/jobs", json=dict(prompt="drain me", steps=150, seed=1), timeout=10).json()["id"]
         with httpx.stream("GET", f"{url}/v1/jobs/{job}/events", timeout=120) as events:
