@@ -51,11 +51,29 @@ def test_bad_options_are_one_line(sd1_engine, tmp_path):
     assert_one_line_error(run_cli("serve", sd1_engine, "--max-batch", "0"), "--max-batch 0")
     assert_one_line_error(run_cli("serve", sd1_engine, "--api-key-env", "SDRT_TEST_UNSET_VAR"),
                           "SDRT_TEST_UNSET_VAR")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--replicas", "2"), "--replicas", "--ray")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--autoscale", "3:1"), "--autoscale 3:1", "MIN:MAX")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--replicas", "0"), "--replicas 0")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--replicas", "2", "--autoscale", "1:2"),
+                          "--autoscale", "--replicas")
 
 
 def test_serve_imports_no_torch():
-    code = ("import sys, sdrt.serve, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli\n"
+    code = ("import sys, sdrt.serve, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli, sdrt.serve.ray_deployment\n"
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_serve_ray_without_ray_names_the_extra(sd1_engine):
+    code = ("import sys\n"
+            "class NoRay:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'ray' or name.startswith('ray.'):\n"
+            "            raise ImportError('no ray here')\n"
+            "sys.meta_path.insert(0, NoRay())\n"
+            "from sdrt.cli import main\n"
+            f"sys.exit(main(['serve', {str(sd1_engine)!r}, '--ray']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert_one_line_error(r, "ray is not installed", "pip install 'sdrt[ray]'")
