@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.sdrt-installed
 
-.PHONY: venv test demo base-install-check sd15-export clean
+.PHONY: venv test demo base-install-check sd15-export chromium clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: venv
 
 demo: venv
 	$(PY) -m sdrt demo
+
+# The playground's browser test drives Debian's Chromium (Playwright is pointed at it; Playwright's own browser
+# download is not used). Installs it when missing; needs root (CI runs as root).
+chromium:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
 # `pip install .` without torch must run `sdrt generate` (the runtime is torch-free).
 base-install-check: venv

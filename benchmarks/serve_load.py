@@ -15,7 +15,12 @@ and mean UNet batch size (from the service's /metrics), and errors. Then:
 * `--overload`: 32 clients against a second service started with `--max-queue 4`: only 200 and 429 may come
   back, and every request is answered;
 * `--overhead-size S`: one request at S px: the client's latency minus the engine's own time (HTTP, JSON,
-  PNG and base64), against that image's time.
+  PNG and base64), against that image's time;
+* `--ray 1,2`: the same closed loops against the Ray Serve deployment (`sdrt serve --ray --replicas N`, a
+  local Ray instance on loopback that the child process starts and stops) for each replica count, each
+  replica with `--replica-cpus` CPUs (default: this machine's cores / N, so every run has the same cores);
+  and the Ray proxy's added latency per request: the p50 of (client latency - engine time) over
+  `--overhead-requests` one-step requests, through the proxy minus straight to `sdrt serve`.
 
 Nothing but loopback is contacted; each run stops by itself.
 """
@@ -49,7 +54,7 @@ def free_port() -> int:
 class Service:
     """`sdrt serve` in a child process, on a free loopback port, stopped with SIGTERM."""
 
-    def __init__(self, engine_dir, *options):
+    def __init__(self, engine_dir, *options, name: str = "sdrt serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -61,9 +66,9 @@ class Service:
         while True:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise SystemExit(f"sdrt serve exited: {self.log.read()[-2000:]}")
+                raise SystemExit(f"{name} exited: {self.log.read()[-2000:]}")
             if time.monotonic() > deadline:
-                raise SystemExit("sdrt serve was not ready in 600 s")
+                raise SystemExit(f"{name} was not ready in 600 s")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     break
@@ -105,14 +110,15 @@ def closed_loop(url: str, body: dict, clients: int, requests: int, max_seconds: 
                 t0 = time.perf_counter()
                 try:
                     r = http.post(f"{url}/v1/images", json=dict(body, seed=1000 + n))
-                    status = r.status_code
+                    status, replica = r.status_code, r.headers.get("x-sdrt-replica")
                     timings = r.json().get("timings", {}) if status == 200 else {}
                 except httpx.HTTPError as e:
-                    status, timings = f"transport error: {type(e).__name__}", {}
+                    status, timings, replica = f"transport error: {type(e).__name__}", {}, None
                 if status == 429:
                     time.sleep(0.05)  # a polite client backs off a little before it tries again
                 with lock:
                     records.append({"status": status, "latency_s": time.perf_counter() - t0, "timings": timings,
+                                    "replica": replica,
                                     "images": body.get("num_images", 1) if status == 200 else 0})
 
     t0 = time.perf_counter()
@@ -132,7 +138,8 @@ def closed_loop(url: str, body: dict, clients: int, requests: int, max_seconds: 
             "images_per_s": sum(r["images"] for r in ok) / wall, "latency_p50_s": pct(50), "latency_p99_s": pct(99),
             "queue_ms_mean": statistics.fmean(r["timings"]["queue_ms"] for r in ok) if ok else float("nan"),
             "engine_ms_mean": statistics.fmean(r["timings"]["total_ms"] for r in ok) if ok else float("nan"),
-            "statuses": statuses, "errors": len(records) - len(ok)}
+            "statuses": statuses, "errors": len(records) - len(ok),
+            "replicas": len({r["replica"] for r in ok if r["replica"]}) or 1}  # no header: one process
 
 
 def batch_stats(before: dict, after: dict) -> dict:
@@ -181,6 +188,12 @@ def main() -> int:
     ap.add_argument("--overload", action="store_true", help="also: 32 clients against --max-queue 4")
     ap.add_argument("--overhead-size", type=int, default=None, help="also: the service's own time at this size")
     ap.add_argument("--overhead-steps", type=int, default=None, help="steps of that request (default: --steps)")
+    ap.add_argument("--ray", default=None, metavar="COUNTS",
+                    help="also: the Ray deployment with these replica counts, e.g. 1,2 (needs the ray extra)")
+    ap.add_argument("--replica-cpus", type=float, default=None,
+                    help="with --ray: CPUs (and CPU threads) per replica (default: cores / replicas)")
+    ap.add_argument("--overhead-requests", type=int, default=40,
+                    help="with --ray: one-step requests timed for the proxy's added latency (default 40)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -194,20 +207,16 @@ def main() -> int:
                                                                        requests=args.requests), "runs": []}
     service = Service(args.engine_dir, "--max-batch", args.max_batch, "--max-queue", 64, "--backend", args.backend)
     try:
-        closed_loop(service.url, body, 1, 1, args.max_seconds)  # one more warm request at this size
-        for clients in [int(c) for c in args.clients.split(",")]:
-            before = service.metrics()
-            run = closed_loop(service.url, body, clients, args.requests, args.max_seconds)
-            run.update(batch_stats(before, service.metrics()))
-            report["runs"].append(run)
-            print(f"{clients:>2} clients: {run['images_per_s']:.3f} images/s, p50 {run['latency_p50_s']:.2f} s, "
-                  f"p99 {run['latency_p99_s']:.2f} s, queue {run['queue_ms_mean']:.0f} ms, UNet batch "
-                  f"{run['unet_batch_mean']:.1f} samples, errors {run['errors']} {run['statuses']}", flush=True)
+        report["runs"] = load_runs(service, body, args)
         if args.overhead_size:
             report["overhead"] = overhead(service.url, dict(body, steps=args.overhead_steps or args.steps),
                                           args.overhead_size, args.max_seconds)
+        if args.ray:
+            report["direct_request_overhead"] = request_overhead(service.url, body, args.overhead_requests)
     finally:
         service.stop()
+    if args.ray:
+        report["ray"] = ray_runs(args, body, report["direct_request_overhead"])
 
     runs = {r["clients"]: r for r in report["runs"]}
     if 1 in runs:
@@ -229,6 +238,64 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def load_runs(service: Service, body: dict, args, label: str = "") -> list[dict]:
+    """The closed loops at each client count (after one more warm request at this size)."""
+    runs = []
+    closed_loop(service.url, body, 1, 1, args.max_seconds)
+    for clients in [int(c) for c in args.clients.split(",")]:
+        before = service.metrics()
+        run = closed_loop(service.url, body, clients, args.requests, args.max_seconds)
+        run.update(batch_stats(before, service.metrics()))
+        runs.append(run)
+        # under Ray, /metrics is the one replica's that answered: its batch figure is that replica's
+        print(f"{label}{clients:>2} clients: {run['images_per_s']:.3f} images/s, p50 {run['latency_p50_s']:.2f} s, "
+              f"p99 {run['latency_p99_s']:.2f} s, queue {run['queue_ms_mean']:.0f} ms, UNet batch "
+              f"{run['unet_batch_mean']:.1f} samples, replicas {run['replicas']}, errors {run['errors']} "
+              f"{run['statuses']}", flush=True)
+    return runs
+
+
+def request_overhead(url: str, body: dict, n: int) -> dict:
+    """Per request: client latency minus the engine's own time, p50 over ``n`` sequential one-step requests."""
+    extra, ready = [], []
+    with httpx.Client(timeout=120) as http:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = http.post(f"{url}/v1/images", json=dict(body, steps=1, seed=i))
+            latency = time.perf_counter() - t0
+            r.raise_for_status()
+            extra.append(latency * 1e3 - r.json()["timings"]["total_ms"])
+            t0 = time.perf_counter()
+            http.get(f"{url}/readyz").raise_for_status()
+            ready.append((time.perf_counter() - t0) * 1e3)
+    return {"requests": n, "outside_engine_ms_p50": statistics.median(extra), "readyz_ms_p50": statistics.median(ready)}
+
+
+def ray_runs(args, body: dict, direct: dict) -> list[dict]:
+    """The same loops against `sdrt serve --ray --replicas N`, one fresh local Ray instance per N."""
+    from sdrt.runtime.backends.onnxruntime import available_cores
+
+    results = []
+    for replicas in [int(c) for c in args.ray.split(",")]:
+        cpus = args.replica_cpus or max(1, available_cores() // replicas)
+        service = Service(args.engine_dir, "--ray", "--replicas", replicas, "--replica-cpus", cpus,
+                          "--max-batch", args.max_batch, "--max-queue", 64, "--backend", args.backend,
+                          name="sdrt serve --ray")
+        try:
+            label = f"ray {replicas} replica{'s' if replicas > 1 else ''} x {cpus:g} CPU: "
+            runs = load_runs(service, body, args, label)
+            over = request_overhead(service.url, body, args.overhead_requests)
+        finally:
+            service.stop()
+        added = over["outside_engine_ms_p50"] - direct["outside_engine_ms_p50"]
+        print(f"{label}per request outside the engine {over['outside_engine_ms_p50']:.1f} ms (direct "
+              f"{direct['outside_engine_ms_p50']:.1f} ms): the proxy adds {added:.1f} ms; GET /readyz "
+              f"{over['readyz_ms_p50']:.1f} ms (direct {direct['readyz_ms_p50']:.1f} ms)", flush=True)
+        results.append({"replicas": replicas, "replica_cpus": cpus, "runs": runs, "request_overhead": over,
+                        "proxy_added_ms_p50": added})
+    return results
 
 
 def unet_evaluations(engine_dir, scheduler: str, steps: int) -> int:

@@ -96,6 +96,17 @@ def init_image_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def shapes_engine(tmp_path_factory) -> Path:
+    """The embedded trained model (models/shapes-32) exported once per session (read-only for tests)."""
+    pytest.importorskip("diffusers")
+    from sdrt.export import export_model
+
+    engine = tmp_path_factory.mktemp("shapes") / "engine"
+    export_model(ROOT / "models" / "shapes-32", engine, progress=False, log=lambda m: None)
+    return engine
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     """Run `python -m sdrt ARGS` in a subprocess; returns CompletedProcess with text output."""
     import subprocess

@@ -10,6 +10,7 @@ Endpoints (``pip install 'sdrt[serve]'``):
     POST   /sdapi/v1/txt2img|img2img  AUTOMATIC1111's API;  GET /sdapi/v1/samplers, /sdapi/v1/sd-models
     POST   /v1/images/generations     OpenAI's images API (b64_json)
     GET    /healthz  /readyz  /metrics
+    GET    /                          the playground page (plain HTML/CSS/JS from the package; no API key needed)
 
 Status codes: 400/422 bad input (the field named), 401 missing or wrong API key, 404 unknown job, 429 queue
 full (Retry-After), 503 draining or not ready, 504 deadline passed, 500 only for a fault of ours or the
@@ -35,6 +36,7 @@ from sdrt.errors import UserError
 from sdrt.runtime.images import encode_png, format_parameters
 from sdrt.serve.engine import Engine, Job, JobFailed, NotAccepting, QueueFull
 from sdrt.serve.metrics import Metrics
+from sdrt.serve.playground import add_playground
 from sdrt.serve.schemas import (
     A1111_SAMPLER_NAMES, A1111Request, ImageRequest, OpenAIImageRequest, a1111_submissions, native_settings,
     openai_settings,
@@ -346,6 +348,7 @@ def create_app(service: Service) -> FastAPI:
         timings["response_ms"] = seconds * 1e3
         return {"images": images, "seeds": result.seeds, "parameters": parameters, "timings": timings}
 
+    add_playground(app, service)
     return app
 
 

@@ -117,8 +117,8 @@ class Job:
 
     _seqs = itertools.count()
 
-    def __init__(self, req, timeout: float, preview_every: int = 0, tag: str | None = None):
-        self.id = uuid.uuid4().hex
+    def __init__(self, req, timeout: float, preview_every: int = 0, tag: str | None = None, id_prefix: str = ""):
+        self.id = id_prefix + uuid.uuid4().hex
         self.seq = next(self._seqs)
         self.req = req
         self.tag = tag                         # the API it came through, for the log line
@@ -261,6 +261,7 @@ class Engine:
         self.ready = False
         self.broken: str | None = None        # set when the worker died: health checks fail
         self.keep_finished = 256             # answered jobs kept (with their images) for GET /v1/jobs/{id}
+        self.job_id_prefix = ""               # set by a deployment whose router sends a job's calls to its owner
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def start(self, warmup: bool = True) -> "Engine":
@@ -348,7 +349,7 @@ class Engine:
             if len(self._queue) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._queue)} waiting, at most {self.max_queue}); retry later",
                                 retry_after=self._retry_after())
-            jobs = [Job(req, timeout, preview_every, tag) for req in reqs]
+            jobs = [Job(req, timeout, preview_every, tag, self.job_id_prefix) for req in reqs]
             for job in jobs:
                 self._jobs[job.id] = job
                 self._queue.append(job)

@@ -3,14 +3,10 @@ tokenizer, text encoder, cross-attention, scheduler and VAE, exported and run by
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import ROOT
 from tools.shape_check import SHAPES, classify, prompt
 
-MODEL = ROOT / "models" / "shapes-32"
 # every color as object and as background, every shape: 12 combinations
 COMBOS = [("red", "circle", "blue"), ("green", "square", "black"), ("blue", "triangle", "yellow"),
           ("yellow", "circle", "green"), ("white", "square", "red"), ("black", "triangle", "white"),
@@ -19,13 +15,10 @@ COMBOS = [("red", "circle", "blue"), ("green", "square", "black"), ("blue", "tri
 
 
 @pytest.fixture(scope="module")
-def shapes_pipeline(tmp_path_factory):
-    from sdrt.export import export_model
+def shapes_pipeline(shapes_engine):
     from sdrt.runtime import Pipeline
 
-    engine = tmp_path_factory.mktemp("shapes") / "engine"
-    export_model(MODEL, engine, progress=False, log=lambda m: None)
-    return Pipeline(engine)
+    return Pipeline(shapes_engine)
 
 
 @pytest.fixture(scope="module")

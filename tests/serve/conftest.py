@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from tests.conftest import ROOT
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(engine_dir, *args, env=None, ready_s: float = 120):
+    """`sdrt serve ENGINE_DIR ARGS` as a child process on a free loopback port, once /readyz answers 200:
+    (process, base URL). The caller stops it."""
+    import httpx
+
+    port = free_port()
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "serve", str(engine_dir), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_s
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "not ready in time"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 class LiveServer:

@@ -4,9 +4,7 @@ finish, exit 0), one structured log line per request, one-line errors for bad op
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,37 +13,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.serve.conftest import start_serve
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(engine_dir, *args, env=None):
-    port = _free_port()
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "serve", str(engine_dir), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "not ready in time"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
 def test_sigterm_drains_then_exits_zero(sd1_engine):
-    proc, url = _start(sd1_engine, "--drain-timeout", "60")
+    proc, url = start_serve(sd1_engine, "--drain-timeout", "60")
     try:
         job = httpx.post(f"{url}/v1/jobs", json=dict(prompt="drain me", steps=150, seed=1), timeout=10).json()["id"]
         with httpx.stream("GET", f"{url}/v1/jobs/{job}/events", timeout=120) as events:
@@ -77,10 +52,15 @@ def test_bad_options_are_one_line(sd1_engine, tmp_path):
     assert_one_line_error(run_cli("serve", sd1_engine, "--max-batch", "0"), "--max-batch 0")
     assert_one_line_error(run_cli("serve", sd1_engine, "--api-key-env", "SDRT_TEST_UNSET_VAR"),
                           "SDRT_TEST_UNSET_VAR")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--replicas", "2"), "--replicas", "--ray")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--autoscale", "3:1"), "--autoscale 3:1", "MIN:MAX")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--replicas", "0"), "--replicas 0")
+    assert_one_line_error(run_cli("serve", sd1_engine, "--ray", "--replicas", "2", "--autoscale", "1:2"),
+                          "--autoscale", "--replicas")
 
 
 def test_serve_imports_no_torch():
-    code = ("import sys, sdrt.serve, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli\n"
+    code = ("import sys, sdrt.serve, sdrt.serve.app, sdrt.serve.server, sdrt.serve.cli, sdrt.serve.ray_deployment\n"
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -104,3 +84,16 @@ def test_loras_are_checked_before_serving_and_reach_the_pipeline(sd1_engine, lor
 
     alone = Pipeline(sd1_engine, loras=[(lora, 0.5)]).generate("a red circle", steps=2, seed=3, guidance=1.0)
     np.testing.assert_array_equal(served, alone.images[0])
+
+
+def test_serve_ray_without_ray_names_the_extra(sd1_engine):
+    code = ("import sys\n"
+            "class NoRay:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'ray' or name.startswith('ray.'):\n"
+            "            raise ImportError('no ray here')\n"
+            "sys.meta_path.insert(0, NoRay())\n"
+            "from sdrt.cli import main\n"
+            f"sys.exit(main(['serve', {str(sd1_engine)!r}, '--ray']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert_one_line_error(r, "ray is not installed", "pip install 'sdrt[ray]'")

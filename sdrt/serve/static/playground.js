@@ -1,0 +1,240 @@
+// sdrt playground: POST /v1/jobs, then follow the job's server-sent events (read with fetch(), so that an
+// Authorization header can go with them) until `done` or `error`. Nothing here talks to any other host.
+"use strict";
+
+const config = JSON.parse(document.getElementById("sdrt-config").textContent);
+const $ = (id) => document.getElementById(id);
+let current = null; // {id, controller} of the job being followed
+
+function setup() {
+  $("model").textContent = config.model ? `model: ${config.model}` : "";
+  $("width").value = config.width ?? "";
+  $("height").value = config.height ?? "";
+  for (const id of ["width", "height"]) $(id).step = config.size_multiple;
+  $("steps").value = config.steps;
+  $("guidance").value = config.guidance;
+  if (config.max_steps) $("steps").max = config.max_steps;
+  if (config.max_images) $("num_images").max = config.max_images;
+  const own = document.createElement("option");
+  own.value = "";
+  own.textContent = config.default_scheduler ? `model's own (${config.default_scheduler})` : "model's own";
+  $("scheduler").append(own);
+  for (const name of config.schedulers) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    $("scheduler").append(option);
+  }
+  $("api-key-row").hidden = !config.api_key_required;
+  $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
+  $("cancel").addEventListener("click", cancel);
+  checkHealth();
+}
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  const key = $("api_key").value.trim();
+  if (key) h["Authorization"] = `Bearer ${key}`;
+  return h;
+}
+
+async function checkHealth() {
+  let ready = false;
+  try {
+    const r = await fetch("readyz", {cache: "no-store"});
+    ready = r.ok;
+    $("health").textContent = r.ok ? "ready" : await failureText(r);
+  } catch (e) {
+    $("health").textContent = `cannot reach the service (${e.message})`;
+  }
+  $("health").className = ready ? "ready" : "unavailable";
+  if (!ready) setTimeout(checkHealth, 5000); // still loading (or gone): look again
+}
+
+// The error as the server words it: the message of a JSON error body, else the body's text.
+async function failureText(response) {
+  const text = await response.text();
+  let message = text.trim() || response.statusText;
+  try {
+    const body = JSON.parse(text);
+    message = body?.error?.message ?? body?.detail ?? message;
+  } catch (e) { /* not JSON: a proxy's plain-text answer */ }
+  const retry = response.headers.get("Retry-After");
+  return `${response.status}: ${message}` + (retry ? ` (retry after ${retry} s)` : "");
+}
+
+function request() {
+  const body = {prompt: $("prompt").value};
+  const negative = $("negative_prompt").value.trim();
+  if (negative) body.negative_prompt = negative;
+  for (const id of ["width", "height", "steps", "num_images", "preview_every"]) {
+    if ($(id).value !== "") body[id] = parseInt($(id).value, 10);
+  }
+  body.guidance = parseFloat($("guidance").value);
+  if ($("seed").value !== "") body.seed = parseInt($("seed").value, 10);
+  if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  return body;
+}
+
+function reset() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+  $("result").hidden = true;
+  $("result").replaceChildren();
+  $("preview-figure").hidden = true;
+  $("preview").removeAttribute("src");
+  $("progress").value = 0;
+  $("progress").max = 1;
+  $("progress-text").textContent = "";
+}
+
+function showError(text, status) {
+  $("error").textContent = text;
+  $("error").hidden = false;
+  $("status").textContent = status;
+}
+
+function busy(on) {
+  $("generate").disabled = on;
+  $("cancel").disabled = !on;
+}
+
+async function generate() {
+  reset();
+  busy(true);
+  $("status").textContent = "submitting…";
+  const controller = new AbortController();
+  try {
+    const r = await fetch("v1/jobs", {method: "POST", headers: headers(true), body: JSON.stringify(request())});
+    if (r.status !== 202) {
+      showError(await failureText(r), "not accepted");
+      return;
+    }
+    const job = await r.json();
+    current = {id: job.id, controller};
+    $("status").textContent = `job ${job.id}: ${job.state}`;
+    await follow(job.id, controller.signal);
+  } catch (e) {
+    if (e.name !== "AbortError") showError(`cannot reach the service: ${e.message}`, "failed");
+  } finally {
+    current = null;
+    busy(false);
+  }
+}
+
+async function follow(id, signal) {
+  const r = await fetch(`v1/jobs/${encodeURIComponent(id)}/events`, {headers: headers(false), signal});
+  if (!r.ok) {
+    showError(await failureText(r), "lost the job");
+    return;
+  }
+  for await (const event of serverSentEvents(r.body)) {
+    if (handle(event)) return;
+  }
+  showError("the event stream ended before the job finished (did the service restart?)", "lost the job");
+}
+
+// Yields {event, data} for each server-sent event of a fetch() body; keep-alive comments are skipped.
+async function* serverSentEvents(body) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let kind = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) kind = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) yield {event: kind, data: JSON.parse(data.join("\n"))};
+    }
+  }
+}
+
+// Shows one event; true when it was the job's final answer.
+function handle({event, data}) {
+  switch (event) {
+    case "queued":
+      $("status").textContent = data.position === 0 ? "queued: next to start"
+        : `queued: ${data.position} request${data.position === 1 ? "" : "s"} ahead`;
+      $("progress").removeAttribute("value"); // indeterminate while waiting
+      return false;
+    case "started":
+      $("status").textContent = "denoising…";
+      $("progress").max = data.total;
+      $("progress").value = 0;
+      $("progress-text").textContent = `0 / ${data.total}`;
+      return false;
+    case "step":
+      $("progress").max = data.total;
+      $("progress").value = data.step;
+      $("progress-text").textContent = `${data.step} / ${data.total}`;
+      return false;
+    case "preview":
+      $("preview").src = `data:image/png;base64,${data.image}`;
+      $("preview-caption").textContent = `preview after step ${data.step}`;
+      $("preview-figure").hidden = false;
+      return false;
+    case "done":
+      $("status").textContent = "done";
+      $("progress").value = $("progress").max;
+      showResult(data);
+      return true;
+    case "error":
+      showError(data.message, data.outcome);
+      return true;
+    default:
+      return false;
+  }
+}
+
+function showResult(done) {
+  $("preview-figure").hidden = true;
+  const seed = done.seeds[0];
+  done.images.forEach((b64, i) => {
+    const item = document.createElement("div");
+    item.className = "result-item";
+    const img = document.createElement("img");
+    img.className = "result-image";
+    img.alt = done.parameters[i].split("\n")[0];
+    img.src = `data:image/png;base64,${b64}`;
+    const link = document.createElement("a");
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    link.href = URL.createObjectURL(new Blob([bytes], {type: "image/png"}));
+    link.download = done.images.length > 1 ? `sdrt-${seed}-${i}.png` : `sdrt-${seed}.png`;
+    link.textContent = `Download ${link.download}`;
+    const parameters = document.createElement("pre");
+    parameters.className = "parameters";
+    parameters.textContent = done.parameters[i];
+    item.append(img, link, parameters);
+    $("result").append(item);
+  });
+  const t = done.timings;
+  const timings = document.createElement("p");
+  timings.className = "timings";
+  timings.textContent = `seed ${seed}; ${Math.round(t.total_ms)} ms in all: queue ${Math.round(t.queue_ms ?? 0)} ms, ` +
+    `${t.unet_evaluations} UNet steps ${Math.round(t.unet_ms ?? 0)} ms, VAE decode ${Math.round(t.vae_decode_ms ?? 0)} ms`;
+  $("result").append(timings);
+  $("result").hidden = false;
+}
+
+async function cancel() {
+  if (!current) return;
+  $("cancel").disabled = true;
+  try {
+    const r = await fetch(`v1/jobs/${encodeURIComponent(current.id)}`, {method: "DELETE", headers: headers(false)});
+    if (!r.ok && r.status !== 409) showError(await failureText(r), "cancel failed");
+  } catch (e) {
+    current?.controller.abort();
+    showError(`cannot reach the service: ${e.message}`, "cancel failed");
+  }
+}
+
+setup();
