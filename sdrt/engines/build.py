@@ -14,7 +14,10 @@ Through Polygraphy's loaders (``NetworkFromOnnxPath`` -> ``PostprocessNetwork`` 
    diffusers' SDXL pipelines run it,
    and its entry says why (``fp32_reason``); an fp16-safe VAE exported in its place (its config says
    ``force_upcast: false``, the manifest's ``model.force_upcast`` records which) goes through the fp16 tiers;
-4. the plan is written into ``trt/.tmp-<key>-<pid>/`` and renamed to ``trt/<key>/``; the manifest gets the
+4. with ``refittable`` the plan is built with TensorRT's REFIT flag (and the graph is not constant-folded
+   beforehand, so every weight keeps its ONNX initializer's name): the runtime can then replace weights
+   (LoRAs) with ``trt.Refitter`` instead of a rebuild; the entry says ``refittable`` and its key differs;
+5. the plan is written into ``trt/.tmp-<key>-<pid>/`` and renamed to ``trt/<key>/``; the manifest gets the
    entry and is saved atomically after each component, so an interrupted build keeps finished work.
 """
 
@@ -54,17 +57,18 @@ class BuildJob:
     cached: bool
     tiers: tuple = field(default_factory=tuple)
     fp32_reason: str | None = None  # why an fp16 request builds fp32 only
+    refittable: bool = False
 
 
 def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components: list[str],
-              tensorrt_version: str, compute_capability: str) -> list[BuildJob]:
+              tensorrt_version: str, compute_capability: str, refittable: bool = False) -> list[BuildJob]:
     """The builds to do (pure: no TensorRT), one per component."""
     model = manifest.data["model"]
     jobs = []
     for comp in components:
         spec = manifest.component(comp)
         profiles = component_profiles(comp, spec["inputs"], model, req)
-        key = cache_key(spec["sha256"], precision, profiles, tensorrt_version, compute_capability)
+        key = cache_key(spec["sha256"], precision, profiles, tensorrt_version, compute_capability, refittable)
         entry = find_entry(manifest.data.get("engines", {}).get(comp, []), key)
         cached = entry is not None and stale_reason(
             entry, manifest.engine_dir, spec["sha256"], tensorrt_version, compute_capability) is None
@@ -76,7 +80,7 @@ def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components:
                 and model.get("family", "sd") != "sd":
             tiers = FP32_TIERS
             reason = VAE_FP32_REASON
-        jobs.append(BuildJob(comp, precision, profiles, key, cached, tiers, reason))
+        jobs.append(BuildJob(comp, precision, profiles, key, cached, tiers, reason, refittable))
     return jobs
 
 
@@ -147,14 +151,15 @@ def _import_build_deps():
     return trt, pg_trt
 
 
-def prepare_onnx(src: Path, dst_dir: Path, external_data: bool) -> Path:
-    """Cleanup, toposort and (below 2 GiB) constant folding with onnx-graphsurgeon; big weights stay external."""
+def prepare_onnx(src: Path, dst_dir: Path, external_data: bool, fold: bool = True) -> Path:
+    """Cleanup, toposort and (below 2 GiB, unless not ``fold``) constant folding with onnx-graphsurgeon; big
+    weights stay external. A refittable build does not fold: folding would rename the weights it touches."""
     import onnx
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(onnx.load(str(src)))
     graph.cleanup().toposort()
-    if not external_data:
+    if fold and not external_data:
         # fold_constants evaluates the graph in ONNX Runtime from one serialized protobuf, which cannot
         # exceed 2 GiB; large graphs are left to TensorRT's own constant folding at build time.
         graph.fold_constants()
@@ -181,7 +186,7 @@ def _pin_sensitive_layers(trt, network):
 
 
 def build_plan(trt, pg_trt, onnx_path: Path, profiles: list, precision: str, fp32_layers: str,
-               timing_cache: str | None, opt_level: int) -> bytes:
+               timing_cache: str | None, opt_level: int, refittable: bool = False) -> bytes:
     """One serialized plan through Polygraphy's loaders."""
     network = pg_trt.NetworkFromOnnxPath(str(onnx_path))
     if fp32_layers == "sensitive":
@@ -200,6 +205,7 @@ def build_plan(trt, pg_trt, onnx_path: Path, profiles: list, precision: str, fp3
         precision_constraints="prefer" if fp32_layers == "sensitive" else None,
         load_timing_cache=timing_cache if timing_cache and os.path.exists(timing_cache) else None,
         builder_optimization_level=opt_level,
+        refittable=refittable,
     )
     plan = pg_trt.EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache)()
     if plan is None:
@@ -228,8 +234,9 @@ def _engine_runner(trt, component: str, spec: Mapping[str, Any], plan_dir: Path,
 def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=None, width=None,
                   static: bool = False, timing_cache: str | None = None, components: list[str] | None = None,
                   opt_level: int = 3, check_parity: bool = True, chunks=DEFAULT_PROMPT_CHUNKS,
-                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Build (or reuse) one engine per component; returns the manifest entries in use."""
+                  refittable: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Build (or reuse) one engine per component; returns the manifest entries in use. ``refittable``: plans
+    whose weights the runtime can replace (LoRAs at run time) without a rebuild."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not 0 <= int(opt_level) <= 5:
@@ -242,7 +249,7 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
     from sdrt.runtime.backends import cuda
 
     gpu_name, cc = cuda.device_info()
-    jobs = plan_jobs(manifest, req, precision, comps, trt.__version__, cc)
+    jobs = plan_jobs(manifest, req, precision, comps, trt.__version__, cc, refittable)
     model = manifest.data["model"]
     used = []
     for job in jobs:
@@ -256,14 +263,14 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
         with tempfile.TemporaryDirectory(dir=manifest.engine_dir, prefix=".build-") as tmp:
             tmp = Path(tmp)
             log(f"{job.component}: preparing graph")
-            prepared = prepare_onnx(src, tmp, external_data=bool(spec.get("data_file")))
+            prepared = prepare_onnx(src, tmp, external_data=bool(spec.get("data_file")), fold=not job.refittable)
             reference = _ort_reference(src) if check_parity else None
             verdict, plan, built_with, build_s = None, None, None, 0.0
             for tier_precision, fp32_layers in job.tiers:
                 log(f"{job.component}: building {tier_precision} (fp32 layers: {fp32_layers})")
                 t0 = time.perf_counter()
                 plan = build_plan(trt, pg_trt, prepared, job.profiles, tier_precision, fp32_layers,
-                                  timing_cache, opt_level)
+                                  timing_cache, opt_level, job.refittable)
                 build_s = time.perf_counter() - t0
                 built_with = (tier_precision, fp32_layers)
                 if not check_parity:
@@ -297,6 +304,7 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
             "fallback_fp32": built_with[0] != job.precision,
             "fp32_layers": built_with[1],
             "fp32_reason": job.fp32_reason,
+            "refittable": job.refittable,
         }
         write_plan(manifest.engine_dir, job.key, job.component, plan, info=entry)
         record_entry(manifest, job.component, entry)

@@ -30,6 +30,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated components to build (default: all in the manifest)")
     parser.add_argument("--opt-level", type=int, default=3, metavar="N",
                         help="TensorRT builder optimization level 0..5 (default 3)")
+    parser.add_argument("--refittable", action="store_true",
+                        help="plans whose weights can be replaced at load (LoRAs with `sdrt generate --lora`, "
+                             "`sdrt serve --lora`) without a rebuild; a separate cache entry")
     parser.add_argument("--no-parity", action="store_true",
                         help="skip the fp16-vs-fp32 parity check (and so the fp32 fallback)")
 
@@ -47,7 +50,7 @@ def run_build(args: argparse.Namespace) -> int:
     build_engines(
         args.engine_dir, precision=args.precision, batch=batch, height=height, width=width,
         static=args.static, chunks=chunks, timing_cache=args.timing_cache, components=components,
-        opt_level=args.opt_level, check_parity=not args.no_parity,
+        opt_level=args.opt_level, check_parity=not args.no_parity, refittable=args.refittable,
         log=lambda line: print(line, file=sys.stderr))
     return 0
 

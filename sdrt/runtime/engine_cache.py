@@ -1,7 +1,7 @@
 """TensorRT engine entries as the runtime reads them: cache keys, staleness, and fitting shapes to profiles.
 
 A plan is valid for exactly one ONNX graph, precision, set of optimization profiles, TensorRT version and
-GPU compute capability, so the cache key hashes all five and nothing else (not the file's existence, not
+GPU compute capability (and a refittable plan is another plan), so the cache key hashes those and nothing else (not the file's existence, not
 its name). The runtime recomputes the key from what it sees (the manifest's current ONNX sha256, the
 running TensorRT, the GPU) and refuses an entry whose key differs: a stale plan is detected, never used.
 
@@ -21,8 +21,9 @@ KEY_LENGTH = 16  # hex digits in folder names; collisions at 64 bits are not a c
 
 
 def cache_key(onnx_sha256: str, precision: str, profiles: list, tensorrt_version: str,
-              compute_capability: str) -> str:
-    """The key of a plan (hex). ``profiles`` is the JSON form: ``[{input: {"min", "opt", "max"}}]``."""
+              compute_capability: str, refittable: bool = False) -> str:
+    """The key of a plan (hex). ``profiles`` is the JSON form: ``[{input: {"min", "opt", "max"}}]``.
+    ``refittable`` (built with TensorRT's REFIT flag) enters the key only when set, so older keys stay valid."""
     payload = {
         "key_format": KEY_FORMAT,
         "onnx_sha256": onnx_sha256,
@@ -32,6 +33,8 @@ def cache_key(onnx_sha256: str, precision: str, profiles: list, tensorrt_version
         "tensorrt_version": str(tensorrt_version),
         "compute_capability": str(compute_capability),
     }
+    if refittable:
+        payload["refittable"] = True
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
 
@@ -39,7 +42,7 @@ def cache_key(onnx_sha256: str, precision: str, profiles: list, tensorrt_version
 def entry_key(entry: Mapping[str, Any], onnx_sha256: str) -> str:
     """The key ``entry`` should have if its plan was built from the graph with ``onnx_sha256``."""
     return cache_key(onnx_sha256, entry["precision"], entry["profiles"], entry["tensorrt_version"],
-                     entry["compute_capability"])
+                     entry["compute_capability"], bool(entry.get("refittable", False)))
 
 
 def stale_reason(entry: Mapping[str, Any], engine_dir: Path, onnx_sha256: str, tensorrt_version: str,

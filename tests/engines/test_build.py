@@ -123,7 +123,8 @@ def test_cli_arguments_and_run_build(engine_dir, no_tensorrt):
     add_build_arguments(parser)
     args = parser.parse_args([str(engine_dir), "--batch", "1:2:4", "--height", "32:64:128", "--static",
                               "--timing-cache", "t.cache", "--components", "unet"])
-    assert args.static and args.precision == "fp16" and args.opt_level == 3
+    assert args.static and args.precision == "fp16" and args.opt_level == 3 and not args.refittable
+    assert parser.parse_args([str(engine_dir), "--refittable"]).refittable
     with pytest.raises(MissingDependencyError, match="gpu"):
         run_build(args)
     with pytest.raises(UserError, match="--batch '1:x'"):
@@ -192,18 +193,22 @@ def test_check_engine_against_onnxruntime(engine_dir):
     assert not v.ok and "NaN/inf" in v.reason
 
 
-def test_build_uses_fp32_fallback_when_fp16_tiers_fail(engine_dir, monkeypatch):
-    """The build loop with TensorRT replaced: fp16 tiers produce inf, fp32 passes -> fallback_fp32 entry."""
+@pytest.mark.parametrize("refittable", [False, True])
+def test_build_uses_fp32_fallback_when_fp16_tiers_fail(engine_dir, monkeypatch, refittable):
+    """The build loop with TensorRT replaced: fp16 tiers produce inf, fp32 passes -> fallback_fp32 entry.
+    A refittable build passes the flag to every tier and keeps the graph unfolded (weights keep their names)."""
     import types
 
     fake_trt = types.SimpleNamespace(__version__="10.3.0")
     monkeypatch.setattr(build_mod, "_import_build_deps", lambda: (fake_trt, None))
-    monkeypatch.setattr(build_mod, "prepare_onnx", lambda src, dst, external_data: src)
+    folds = []
+    monkeypatch.setattr(build_mod, "prepare_onnx", lambda src, dst, external_data, fold: folds.append(fold) or src)
     from sdrt.runtime.backends import cuda as cuda_mod
     monkeypatch.setattr(cuda_mod, "device_info", lambda device=0: ("Fake GPU", "8.9"))
     built = []
 
-    def fake_build_plan(trt, pg, onnx_path, profiles, precision, fp32_layers, timing_cache, opt_level):
+    def fake_build_plan(trt, pg, onnx_path, profiles, precision, fp32_layers, timing_cache, opt_level, refit):
+        assert refit is refittable
         built.append((precision, fp32_layers))
         return f"{precision}/{fp32_layers}".encode()
 
@@ -225,7 +230,8 @@ def test_build_uses_fp32_fallback_when_fp16_tiers_fail(engine_dir, monkeypatch):
                         lambda trt, comp, spec, d, name, profiles: FakeSession((d / name).read_bytes()))
     logs = []
     (entry,) = build_engines(engine_dir, batch=(1, 1, 1), height=(32, 32, 32), width=(32, 32, 32),
-                             components=["vae_decoder"], log=logs.append)
+                             components=["vae_decoder"], refittable=refittable, log=logs.append)
+    assert folds == [not refittable] and entry["refittable"] is refittable
     assert built == [("fp16", "none"), ("fp16", "sensitive"), ("fp32", "all")]
     assert entry["fallback_fp32"] and entry["precision"] == "fp16" and entry["parity"]["rel_l2"] == 0.0
     assert (engine_dir / entry["plan"]).read_bytes() == b"fp32/all"
@@ -234,7 +240,7 @@ def test_build_uses_fp32_fallback_when_fp16_tiers_fail(engine_dir, monkeypatch):
     # Same request again: reused, not rebuilt.
     built.clear()
     build_engines(engine_dir, batch=(1, 1, 1), height=(32, 32, 32), width=(32, 32, 32),
-                  components=["vae_decoder"], log=logs.append)
+                  components=["vae_decoder"], refittable=refittable, log=logs.append)
     assert built == [] and logs[-1].startswith("vae_decoder: cached engine")
 
 
@@ -269,9 +275,10 @@ def test_build_plan_passes_loaders_polygraphy_arguments(tmp_path):
         return lambda: (func(network=network_obj), network_obj)[1]
 
     def create_config(fp16=None, profiles=None, precision_constraints=None, load_timing_cache=None,
-                      builder_optimization_level=None):
+                      builder_optimization_level=None, refittable=False):
         calls["config"] = dict(fp16=fp16, profiles=profiles, precision_constraints=precision_constraints,
-                               load_timing_cache=load_timing_cache, level=builder_optimization_level)
+                               load_timing_cache=load_timing_cache, level=builder_optimization_level,
+                               refittable=refittable)
         return "config"
 
     def engine_bytes(network, config=None, save_timing_cache=None):
@@ -282,9 +289,10 @@ def test_build_plan_passes_loaders_polygraphy_arguments(tmp_path):
                                Profile=Profile, CreateConfig=create_config, EngineBytesFromNetwork=engine_bytes)
     trt = types.SimpleNamespace(LayerType=types.SimpleNamespace(SOFTMAX="SOFTMAX"), float32="fp32")
     profiles = [{"sample": {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 8, 8]}}]
-    plan = build_mod.build_plan(trt, pg, tmp_path / "m.onnx", profiles, "fp16", "sensitive", None, 3)
+    plan = build_mod.build_plan(trt, pg, tmp_path / "m.onnx", profiles, "fp16", "sensitive", None, 3, True)
     assert plan == b"plan"
     assert network_obj[0].precision == "fp32" and network_obj[0].out == {0: "fp32"}
     assert network_obj[1].precision is None
     assert calls["config"]["precision_constraints"] == "prefer" and calls["config"]["fp16"] is True
+    assert calls["config"]["refittable"] is True
     assert calls["config"]["profiles"][0]["sample"] == ([1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 8, 8])

@@ -70,9 +70,14 @@ def make_cudart(devices: int = 1):
     return rt
 
 
-def fake_plan(inputs: dict[str, str], outputs: dict[str, tuple[str, float]], profiles: list) -> bytes:
-    """``outputs``: name -> (input it equals, times scale)."""
-    return json.dumps({"inputs": inputs, "outputs": outputs, "profiles": profiles}).encode()
+def fake_plan(inputs: dict[str, str], outputs: dict[str, tuple[str, float | str]], profiles: list,
+              weights: dict[str, list] | None = None, refittable: bool = False,
+              layers: list[list[str]] = ()) -> bytes:
+    """``outputs``: name -> (input it equals, times scale: a number, or the name of a weight whose first value
+    is the scale). ``weights``: the plan's weights (name -> values); ``refittable``: a Refitter may replace them;
+    ``layers``: groups of weights that must be set together (a refit of one asks for the others)."""
+    return json.dumps({"inputs": inputs, "outputs": outputs, "profiles": profiles, "weights": weights or {},
+                       "refittable": refittable, "layers": [list(g) for g in layers]}).encode()
 
 
 class _Context:
@@ -111,6 +116,8 @@ class _Context:
     def execute_async_v3(self, stream):
         self.log.append(("execute",))
         for out, (src, scale) in self.plan["outputs"].items():
+            if isinstance(scale, str):
+                scale = float(self.plan["weights"][scale][0])
             shape = self.shapes[src]
             self._array(out, shape)[...] = self._array(src, shape) * scale
         return True
@@ -149,8 +156,42 @@ def make_tensorrt(version: str = "10.3.0"):
             except ValueError:
                 return None
 
+    class Weights:
+        def __init__(self, array):
+            self.array = np.array(array, np.float32)  # TensorRT copies at refit; a copy here models that
+
+    class Refitter:
+        """Refits a deserialized fake engine: only a refittable plan's weights are known; a weight's size cannot
+        change; setting one weight of a layer makes the others missing until they are set too."""
+
+        def __init__(self, engine, logger):
+            self.engine, self.pending = engine, {}
+            log.append(("refitter",))
+
+        def get_all_weights(self):
+            return list(self.engine.plan["weights"]) if self.engine.plan["refittable"] else []
+
+        def set_named_weights(self, name, weights):
+            old = self.engine.plan["weights"].get(name)
+            if old is None or np.size(old) != weights.array.size:
+                return False
+            self.pending[name] = weights.array.ravel().tolist()
+            log.append(("set", name))
+            return True
+
+        def get_missing_weights(self):
+            return [w for g in self.engine.plan["layers"] if any(n in self.pending for n in g)
+                    for w in g if w not in self.pending]
+
+        def refit_cuda_engine(self):
+            if self.get_missing_weights():
+                return False
+            self.engine.plan["weights"].update(self.pending)
+            log.append(("refit", sorted(self.pending)))
+            return True
+
     trt = types.SimpleNamespace(
-        __version__=version, Runtime=Runtime, TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+        __version__=version, Runtime=Runtime, Refitter=Refitter, Weights=Weights, TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
         Logger=types.SimpleNamespace(ERROR=0), nptype=lambda t: np.dtype(t).type)
     trt.Logger = type("Logger", (), {"ERROR": 0, "__init__": lambda self, level=0: None})
     trt.log = log

@@ -279,9 +279,50 @@ def test_generate_cli_applies_and_refuses(sd1_engine, lora_files, tmp_path):
     assert_one_line_error(run_cli("generate", sd1_engine, PROMPT, "--lora", pickle), "pickle", ".safetensors")
 
 
-def test_tensorrt_without_refit_refuses_overrides(sd1_engine):
-    from sdrt.runtime.backends.tensorrt import TensorRTBackend
-    from sdrt.runtime.manifest import Manifest
+def test_run_time_loras_refit_refittable_tensorrt_plans(sd1_engine, lora_files, tmp_path, monkeypatch):
+    """On --backend tensorrt the LoRA-patched initializers refit a refittable plan, by their ONNX names (TensorRT
+    and CUDA replaced by the CPU stand-ins of tests/runtime/fake_trt.py); a plan built without --refittable
+    is refused in one line."""
+    import sys
 
-    with pytest.raises(UserError, match="cannot replace weights"):
-        TensorRTBackend().load(Manifest.load(sd1_engine), "unet", initializers={"x": np.zeros(1, np.float32)})
+    from sdrt.engines.build import plan_jobs, record_entry, write_plan
+    from sdrt.engines.profiles import make_request
+    from sdrt.runtime.backends import cuda as cuda_mod
+    from sdrt.runtime.backends.tensorrt import TensorRTBackend
+    from sdrt.runtime.lora import load_loras, lora_initializers
+    from sdrt.runtime.manifest import Manifest
+    from sdrt.runtime.onnx_weights import graph_initializers
+    from tests.runtime.fake_trt import fake_plan, make_cudart, make_tensorrt
+
+    engine = tmp_path / "engine"
+    shutil.copytree(sd1_engine, engine)
+    trt = make_tensorrt()
+    monkeypatch.setattr(cuda_mod, "_cudart", make_cudart())
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    m = Manifest.load(engine)
+    stored = graph_initializers(m.graph_path("unet"))
+    patched = lora_initializers(m, "unet", load_loras([(lora_files["sd1-tiny", "kohya"][0], 0.7)]))
+    assert patched
+
+    def add(refittable):
+        req = make_request(m.data["model"], batch="1:1:2", height=None, width=None, static=False)
+        (job,) = plan_jobs(m, req, "fp16", ["unet"], trt.__version__, "8.9", refittable=refittable)
+        names = {i["name"]: i["dtype"] for i in m.component("unet")["inputs"]}
+        plan = fake_plan(names, {"out_sample": ("sample", 1.0)}, job.profiles, refittable=refittable,
+                         weights={n: [0.0] * int(np.prod(i.shape)) for n, i in stored.items() if i.dtype == "float32"})
+        record_entry(m, "unet", {"key": job.key, "precision": "fp16", "profiles": job.profiles, "static": False,
+                                 "tensorrt_version": trt.__version__, "compute_capability": "8.9",
+                                 "plan": write_plan(engine, job.key, "unet", plan), "size_bytes": len(plan),
+                                 "onnx_sha256": m.component("unet")["sha256"], "refittable": refittable})
+
+    add(refittable=False)
+    with pytest.raises(UserError, match="--refittable"):
+        TensorRTBackend().load(Manifest.load(engine), "unet", initializers=patched)
+    add(refittable=True)
+    session = TensorRTBackend().load(Manifest.load(engine), "unet", initializers=patched)
+    (eng,) = session._engines.values()
+    assert ("refit", sorted(patched)) in trt.log
+    for name, value in patched.items():
+        np.testing.assert_array_equal(np.asarray(eng.engine.plan["weights"][name], np.float32), value.ravel())
+        assert not np.array_equal(value, stored[name].read())  # the LoRA changed it
+    session.close()

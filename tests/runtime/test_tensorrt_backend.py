@@ -21,16 +21,17 @@ UNET_INPUTS = {"sample": "float32", "timestep": "float32", "encoder_hidden_state
 
 
 def add_engine(engine_dir, static=False, batch="1:1:2", size="32:64:64", trt_version="10.3.0", cc="8.9",
-               plan=None):
+               plan=None, refittable=False):
     m = Manifest.load(engine_dir)
     req = make_request(m.data["model"], batch=batch, height=size, width=size, static=static)
-    (job,) = plan_jobs(m, req, "fp16", ["unet"], trt_version, cc)
+    (job,) = plan_jobs(m, req, "fp16", ["unet"], trt_version, cc, refittable=refittable)
     data = plan if plan is not None else fake_plan(UNET_INPUTS, {"out_sample": ("sample", 0.5)}, job.profiles)
     rel = write_plan(engine_dir, job.key, "unet", data)
     record_entry(m, "unet", {
         "key": job.key, "precision": "fp16", "profiles": job.profiles, "static": static,
         "tensorrt_version": trt_version, "gpu_name": "Fake GPU", "compute_capability": cc, "plan": rel,
-        "size_bytes": len(data), "onnx_sha256": m.component("unet")["sha256"], "fallback_fp32": False})
+        "size_bytes": len(data), "onnx_sha256": m.component("unet")["sha256"], "fallback_fp32": False,
+        "refittable": refittable})
     return job
 
 
@@ -326,7 +327,57 @@ def test_profiles_bound_the_prompt_length(engine_dir, fake_gpu):
         session.run(feeds)
 
 
-def test_weight_overrides_are_refused_before_loading_anything(engine_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # refused before tensorrt is needed
-    with pytest.raises(UserError, match="cannot replace weights"):
-        TensorRTBackend().load(Manifest.load(engine_dir), "text_encoder", initializers={"embedding": np.zeros(1)})
+def _refittable_engine(engine_dir, refittable=True):
+    m = Manifest.load(engine_dir)
+    req = make_request(m.data["model"], batch="1:1:2", height="32:64:64", width="32:64:64", static=False)
+    (job,) = plan_jobs(m, req, "fp16", ["unet"], "10.3.0", "8.9", refittable=refittable)
+    plan = fake_plan(UNET_INPUTS, {"out_sample": ("sample", "half")}, job.profiles,
+                     weights={"half": [0.5], "tscale": [7.0]}, refittable=refittable, layers=[["half", "tscale"]])
+    return add_engine(engine_dir, plan=plan, refittable=refittable)
+
+
+def test_refittable_plans_have_their_own_cache_key(engine_dir):
+    m = Manifest.load(engine_dir)
+    req = make_request(m.data["model"], batch="1:1:2", height="32:64:64", width="32:64:64", static=False)
+    (plain,) = plan_jobs(m, req, "fp16", ["unet"], "10.3.0", "8.9")
+    (refit,) = plan_jobs(m, req, "fp16", ["unet"], "10.3.0", "8.9", refittable=True)
+    assert plain.key != refit.key and refit.refittable and not plain.refittable
+    _refittable_engine(engine_dir)
+    entry = Manifest.load(engine_dir).data["engines"]["unet"][0]
+    assert entry["refittable"] and entry["key"] == refit.key
+    # the runtime recomputes the key with the flag: a refittable entry is not stale
+    assert usable_entries(Manifest.load(engine_dir), "unet", "10.3.0", "8.9")[0]["key"] == refit.key
+
+
+def test_loras_refit_a_refittable_plan_at_load(engine_dir, fake_gpu):
+    _, trt = fake_gpu
+    _refittable_engine(engine_dir)
+    m = Manifest.load(engine_dir)
+    feeds = unet_feeds(1, 32)
+    plain = TensorRTBackend().load(m, "unet").run(feeds)["out_sample"]
+    np.testing.assert_allclose(plain, feeds["sample"] * 0.5, rtol=1e-6)
+    session = TensorRTBackend().load(m, "unet", initializers={"half": np.array([2.0], np.float32)})
+    out = session.run(feeds)["out_sample"]
+    np.testing.assert_allclose(out, feeds["sample"] * 2.0, rtol=1e-6)
+    # the layer's other weight TensorRT asked for came from the graph's stored value, not the plan's
+    assert ("set", "tscale") in trt.log and ("refit", ["half", "tscale"]) in trt.log
+    assert session._engines[session.entries[0]["key"]].engine.plan["weights"]["tscale"] == [pytest.approx(1e-3)]
+
+
+def test_overrides_need_a_refittable_plan(engine_dir, fake_gpu):
+    add_engine(engine_dir)  # built without --refittable
+    with pytest.raises(UserError, match="--refittable"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet", initializers={"half": np.array([2.0], np.float32)})
+
+
+def test_a_weight_the_plan_cannot_refit_is_named(engine_dir, fake_gpu):
+    _refittable_engine(engine_dir)
+    with pytest.raises(UserError, match="no refittable weight 'tshape'"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet",
+                               initializers={"tshape": np.array([-1, 1, 1, 2], np.int64)})
+
+
+def test_a_grown_table_is_refused_on_tensorrt(engine_dir, fake_gpu):
+    _refittable_engine(engine_dir)
+    with pytest.raises(UserError, match="change shape .*textual-inversion"):
+        TensorRTBackend().load(Manifest.load(engine_dir), "unet", initializers={"half": np.ones(3, np.float32)})

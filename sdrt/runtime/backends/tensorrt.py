@@ -12,6 +12,12 @@ usable when its cache key matches this TensorRT version, this GPU's compute capa
 ONNX graph (see :mod:`sdrt.runtime.engine_cache`); per request, the first usable entry with a profile that
 contains every input shape runs it (static entries first, then fp16, then the narrowest). Buffers (device
 and pinned host) are allocated once per (engine, profile, shapes) and reused; a few shape sets are kept.
+
+Replaced weights (``load(..., initializers=...)``: LoRAs at run time) need plans built refittable (`sdrt build
+--refittable`): each usable refittable plan is deserialized at load and refitted in place through
+``trt.Refitter`` (``get_all_weights``, ``set_named_weights`` with the ONNX initializer's name,
+``get_missing_weights``, filled from the graph's stored values, then ``refit_cuda_engine``). A weight's shape
+cannot change in a plan, so a grown token table (textual-inversion embeddings) is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +74,47 @@ def usable_entries(manifest, component: str, tensorrt_version: str, compute_capa
     return sorted(good, key=_rank)
 
 
+def refittable_entries(component: str, entries: list[dict], where: str) -> list[dict]:
+    """The usable entries built refittable; a UserError saying how to get one when there are none."""
+    good = [e for e in entries if e.get("refittable")]
+    if not good:
+        raise UserError(f"{component}: replacing weights (LoRAs) on TensorRT needs a refittable plan, and those in "
+                        f"{where} are not; rebuild with `sdrt build {where} --refittable`")
+    return good
+
+
+def refit_engine(trt, engine, component: str, where: str, initializers: Mapping[str, np.ndarray],
+                 stored) -> int:
+    """Refit ``engine`` in place with ``initializers`` (ONNX initializer name -> array); ``stored(name)`` reads a
+    weight TensorRT asks for alongside (a layer's other weights) from the graph. Returns the weights set."""
+    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.ERROR))
+    known = set(refitter.get_all_weights())
+    unknown = sorted(set(initializers) - known)
+    if unknown:
+        raise UserError(f"{component}: {where} has no refittable weight {', '.join(map(repr, unknown[:3]))}"
+                        f"{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}; rebuild it with "
+                        f"`sdrt build --refittable`")
+    keep = []  # TensorRT reads the arrays at refit_cuda_engine: they must live until then
+
+    def put(name: str, value: np.ndarray) -> None:
+        keep.append(np.ascontiguousarray(value, dtype=np.float32))
+        if not refitter.set_named_weights(name, trt.Weights(keep[-1])):
+            raise UserError(f"{component}: TensorRT refused weight {name!r} of shape {list(keep[-1].shape)} for "
+                            f"{where} (a plan's weight cannot change shape: textual-inversion embeddings, which add "
+                            f"rows to the token table, need --backend cpu, ort-cuda or openvino)")
+
+    for name, value in initializers.items():
+        put(name, value)
+    for name in list(refitter.get_missing_weights()):
+        put(name, stored(name))
+    still = list(refitter.get_missing_weights())
+    if still:
+        raise UserError(f"{component}: TensorRT still lacks weights {still[:3]} to refit {where}")
+    if not refitter.refit_cuda_engine():
+        raise UserError(f"{component}: TensorRT could not refit {where}")
+    return len(keep)
+
+
 def select_profile(component: str, entries: list[Mapping[str, Any]],
                    shapes: Mapping[str, tuple[int, ...]]) -> tuple[Mapping[str, Any], int]:
     """The first (entry, profile index) whose profile contains every input shape."""
@@ -101,9 +148,6 @@ class TensorRTBackend(Backend):
         self._gpu: tuple[str, str] | None = None
 
     def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> "TensorRTSession":
-        if initializers:
-            raise UserError(f"{component}: the tensorrt backend cannot replace weights (its plans hold them); "
-                            f"embeddings and other weight overrides need --backend cpu, ort-cuda or openvino")
         trt = import_tensorrt()
         from sdrt.runtime.backends import cuda
 
@@ -112,13 +156,33 @@ class TensorRTBackend(Backend):
             self._gpu = cuda.device_info(self.device)
         _, cc = self._gpu
         entries = usable_entries(manifest, component, trt.__version__, cc)
+        if initializers:
+            entries = refittable_entries(component, entries, str(manifest.engine_dir))
         spec = manifest.component(component)
-        return TensorRTSession(
+        session = TensorRTSession(
             component,
             tuple(TensorSpec.from_dict(d) for d in spec["inputs"]),
             tuple(TensorSpec.from_dict(d) for d in spec["outputs"]),
             entries, manifest.engine_dir, trt,
             cuda_graph=self.cuda_graph, max_shape_sets=self.max_shape_sets)
+        if initializers:
+            from sdrt.runtime.onnx_weights import check_overrides, graph_initializers
+
+            graph = Path(manifest.engine_dir) / spec["file"]
+            check_overrides(component, graph, initializers)
+            stored = graph_initializers(graph)
+            grown = [n for n, v in initializers.items() if tuple(v.shape) != tuple(stored[n].shape)]
+            if grown:
+                session.close()
+                raise UserError(f"{component}: weight {grown[0]!r} would change shape {list(stored[grown[0]].shape)} -> "
+                                f"{list(initializers[grown[0]].shape)}, which a TensorRT plan cannot (textual-inversion "
+                                f"embeddings add rows to the token table): use --backend cpu, ort-cuda or openvino")
+            try:
+                session.refit(initializers, lambda name: stored[name].read())
+            except BaseException:
+                session.close()
+                raise
+        return session
 
     def describe(self) -> str:
         if self._gpu:
@@ -194,6 +258,13 @@ class TensorRTSession(Session):
             eng = _Engine(self._trt, self._runtime, entry, self._engine_dir, self.component, self.inputs, self.outputs)
             self._engines[entry["key"]] = eng
         return eng
+
+    def refit(self, initializers: Mapping[str, np.ndarray], stored) -> None:
+        """Deserialize every entry's plan now and refit it with ``initializers`` (see :func:`refit_engine`)."""
+        with self._lock:
+            for entry in self.entries:
+                refit_engine(self._trt, self._engine(entry).engine, self.component, entry["plan"], initializers,
+                             stored)
 
     def _prepare(self, eng: _Engine, key: tuple, profile: int, shapes: Mapping[str, tuple[int, ...]]) -> _Bindings:
         """Point the context at this shape set's buffers, allocating them on first use."""
