@@ -1,7 +1,9 @@
 """Write random LoRA files for a diffusers checkpoint, in the key layouts trainers ship them in.
 
 * ``kohya`` (sd-scripts): ``lora_unet_<module path with _>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``,
-  ``lora_te_...`` for the text encoder. Written by hand, as sd-scripts writes them.
+  ``lora_te_...`` for the text encoder (SDXL: ``lora_te1_`` / ``lora_te2_``). Written by hand, as sd-scripts
+  writes them; with ``sgm`` the UNet's module paths are the original (SGM/LDM) layout's, as sd-scripts names
+  SDXL's (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``).
 * ``peft`` (diffusers): ``unet.<module path>.lora_A.weight`` / ``lora_B.weight``, saved by diffusers'
   ``save_lora_weights`` with the peft ``LoraConfig`` (rank, alpha, targets) as its adapter metadata.
 
@@ -11,6 +13,7 @@ ResNet blocks (LoCon); in the text encoder the attention and MLP projections. Va
 spread that visibly changes the pictures.
 
     python -m tools.make_loras MODEL_DIR OUT.safetensors [--format kohya|peft] [--rank R] [--alpha A] [--seed N]
+                               [--sgm]
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def random_pairs(targets: dict[str, tuple], rank: int, seed: int, spread: float 
 
 
 def make_lora(model_dir: str | Path, out: str | Path, fmt: str = "kohya", rank: int = 4, alpha: float | None = None,
-              seed: int = 0, text_encoder: bool = True, conv: bool = False, spread: float = 0.5) -> Path:
-    """A random LoRA for the checkpoint at ``model_dir`` (UNet, and the text encoder unless told not to)."""
+              seed: int = 0, text_encoder: bool = True, conv: bool = False, spread: float = 0.5,
+              sgm: bool = False) -> Path:
+    """A random LoRA for the checkpoint at ``model_dir`` (UNet, and the text encoder(s) unless told not to)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
@@ -66,18 +70,24 @@ def make_lora(model_dir: str | Path, out: str | Path, fmt: str = "kohya", rank: 
     model_dir, out = Path(model_dir), Path(out)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
+    layers_per_block = unet.config.layers_per_block
     parts = {"unet": random_pairs(lora_targets(unet, UNET_TARGETS, conv), rank, seed, spread)}
     del unet
-    if text_encoder:
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if (model_dir / c).is_dir()] if text_encoder else []
+    for i, comp in enumerate(encoders):
         from transformers import CLIPTextModel
 
-        with torch.device("meta"):
-            te = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
+        with torch.device("meta"):  # the projection (text_encoder_2) is not a LoRA target
+            te = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / comp))
         # named as released files name them: text_model.encoder... (transformers >= 5.6 dropped "text_model.")
         targets = {n if n.startswith("text_model.") else f"text_model.{n}": shape
                    for n, shape in lora_targets(te, TEXT_TARGETS).items()}
-        parts["text_encoder"] = random_pairs(targets, rank, seed + 1, spread)
+        parts[comp] = random_pairs(targets, rank, seed + 1 + i, spread)
         del te
+    if sgm:
+        if fmt != "kohya":
+            raise SystemExit("--sgm names the UNet's modules as kohya's SDXL files do: use it with --format kohya")
+        parts["unet"] = {to_sgm(name, layers_per_block): pair for name, pair in parts["unet"].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
         _write_kohya(parts, out, rank if alpha is None else alpha)
@@ -88,11 +98,37 @@ def make_lora(model_dir: str | Path, out: str | Path, fmt: str = "kohya", rank: 
     return out
 
 
+def to_sgm(name: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path -> the original (SGM/LDM) layout's, as sd-scripts names SDXL modules."""
+    import re
+
+    per = layers_per_block + 1
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name)
+    mid = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
+    if m:
+        block, layer, rest = int(m[2]), int(m[4]), m[5]
+        index = block * per + layer + (1 if m[1] == "down_blocks" else 0)
+        outer = "input_blocks" if m[1] == "down_blocks" else "output_blocks"
+        inner = 0 if m[3] == "resnets" else 1
+    elif mid:
+        rest, outer = mid[3], "middle_block"
+        index = {"resnets": 2 * int(mid[2]), "attentions": 1}[mid[1]]
+        return f"middle_block.{index}.{resnet.get(rest, rest) if mid[1] == 'resnets' else rest}"
+    else:
+        raise SystemExit(f"{name}: no original-layout name for it here")
+    if inner == 0:
+        rest = resnet.get(rest, rest)
+    return f"{outer}.{index}.{inner}.{rest}"
+
+
 def _write_kohya(parts: dict, out: Path, alpha: float) -> None:
     import torch
     from safetensors.torch import save_file
 
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    xl = "text_encoder_2" in parts
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
     tensors = {}
     for component, pairs in parts.items():
         for name, (down, up) in pairs.items():
@@ -104,7 +140,7 @@ def _write_kohya(parts: dict, out: Path, alpha: float) -> None:
 
 
 def _write_peft(parts: dict, out: Path, rank: int, alpha: float | None) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
 
     layers, metadata = {}, {}
@@ -118,10 +154,14 @@ def _write_peft(parts: dict, out: Path, rank: int, alpha: float | None) -> None:
         targets = sorted({s for name in pairs for s in suffixes if name == s or name.endswith("." + s)})
         config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=targets)
         metadata[component] = json.loads(json.dumps(config.to_dict(), default=list))
-    StableDiffusionPipeline.save_lora_weights(
+    xl = {}
+    if "text_encoder_2" in parts:
+        xl = dict(text_encoder_2_lora_layers=layers["text_encoder_2"],
+                  text_encoder_2_lora_adapter_metadata=metadata["text_encoder_2"])
+    (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
         out.parent, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
         unet_lora_adapter_metadata=metadata.get("unet"),
-        text_encoder_lora_adapter_metadata=metadata.get("text_encoder"), weight_name=out.name)
+        text_encoder_lora_adapter_metadata=metadata.get("text_encoder"), weight_name=out.name, **xl)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-text-encoder", action="store_true")
     ap.add_argument("--conv", action="store_true", help="also the ResNet blocks' 3x3 convolutions (LoCon)")
+    ap.add_argument("--sgm", action="store_true",
+                    help="kohya: the UNet's modules in the original layout's names, as sd-scripts writes SDXL LoRAs")
     args = ap.parse_args(argv)
     print(make_lora(args.model_dir, args.out, args.format, args.rank, args.alpha, args.seed,
-                    text_encoder=not args.no_text_encoder, conv=args.conv))
+                    text_encoder=not args.no_text_encoder, conv=args.conv, sgm=args.sgm))
     return 0
 
 

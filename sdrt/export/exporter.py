@@ -23,7 +23,7 @@ VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU pr
 LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
 # The graphs LoRAs patch: they get a weight map, and their weights go to the external-data file, so the runtime
 # can hand onnxruntime patched values as external initializers, which every graph optimization then sees.
-LORA_COMPONENTS = ("text_encoder", "unet")
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 
 
 def parse_components(text: str | Sequence[str] | None, available: Sequence[str] = COMPONENTS) -> list[str]:
@@ -215,7 +215,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 entries[comp]["token_embedding"] = token_embedding_record(graph, module)
             if comp in LORA_COMPONENTS:
                 entries[comp]["weight_map"] = _write_weight_map(
-                    loaded[source], graph, [tmp / v["file"] for v in variants.values()])
+                    loaded[source], graph, [tmp / v["file"] for v in variants.values()],
+                    getattr(module, "unused_weights", set)())
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
             for name, v in variants.items():
@@ -278,11 +279,11 @@ def _lora_records(loras) -> list[dict]:
              "format": lora.format} for lora, scale in loras]
 
 
-def _write_weight_map(model, graph: Path, variants: list[Path]) -> dict:
+def _write_weight_map(model, graph: Path, variants: list[Path], unused: set[str] = frozenset()) -> dict:
     """Write ``weight_map.json`` beside ``graph``; returns the manifest's entry for it."""
     from sdrt.export.weight_map import WEIGHT_MAP_FILE, build_weight_map, summary
 
-    record = build_weight_map(model, graph, tuple(variants))
+    record = build_weight_map(model, graph, tuple(variants), unused)
     path = graph.parent / WEIGHT_MAP_FILE
     write_json_atomic(path, record)
     return {"file": f"{graph.parent.name}/{WEIGHT_MAP_FILE}", "sha256": sha256_files([path])[0], **summary(record)}

@@ -38,6 +38,16 @@ class PenultimateTextEncoderGraph(torch.nn.Module):
         self.text_encoder = text_encoder
         self.pooled = pooled
 
+    def unused_weights(self) -> set[str]:
+        """The weights (names in the text encoder) the graph does not read: without the pooled output, the
+        last layer's. A LoRA's change to them changes nothing, here as in diffusers."""
+        if self.pooled:
+            return set()
+        inner = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers >= 5.6: no text_model
+        last = set(map(id, inner.encoder.layers[-1].modules()))
+        return {f"{n}.weight" for n, m in self.text_encoder.named_modules()
+                if id(m) in last and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
     def forward(self, input_ids):
         out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states[-2]

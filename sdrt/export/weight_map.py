@@ -68,9 +68,11 @@ def _halves(weight: np.ndarray):
         yield parts
 
 
-def build_weight_map(model: torch.nn.Module, graph: Path, variants: tuple[Path, ...] = ()) -> dict:
+def build_weight_map(model: torch.nn.Module, graph: Path, variants: tuple[Path, ...] = (),
+                     unused: set[str] = frozenset()) -> dict:
     """Locate every patchable weight of ``model`` among the initializers of ``graph`` (and check that each
-    graph of ``variants``, which shares its weights, names them alike)."""
+    graph of ``variants``, which shares its weights, names them alike). ``unused``: weights the traced graph
+    does not read (SDXL's first text encoder's last layer), recorded as such: a LoRA on them changes nothing."""
     inits = graph_initializers(graph)
     index: dict[bytes, list[str]] = {}
     for name, init in inits.items():
@@ -84,6 +86,10 @@ def build_weight_map(model: torch.nn.Module, graph: Path, variants: tuple[Path, 
     for wname, param in patchable_weights(model).items():
         w = param.detach().cpu().numpy()
         entry: dict = {"shape": list(w.shape)}
+        if wname in unused:
+            entry["unused"] = "the graph does not read it"
+            weights[wname] = entry
+            continue
         places = None
         for how, value in _forms(w):
             names = lookup(value)
@@ -133,4 +139,5 @@ def _mark_shared(weights: dict[str, dict]) -> None:
 def summary(weight_map: dict) -> dict:
     """What the manifest says of a weight map: its file and how many weights it locates."""
     ws = weight_map["weights"].values()
-    return {"mapped": sum("initializers" in e for e in ws), "unmapped": sum("unmapped" in e for e in ws)}
+    return {"mapped": sum("initializers" in e for e in ws), "unmapped": sum("unmapped" in e for e in ws),
+            "unused": sum("unused" in e for e in ws)}

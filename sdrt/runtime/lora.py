@@ -5,7 +5,9 @@ Formats (``.safetensors`` only; a pickle file is refused):
 
 - **kohya** (sd-scripts, A1111/ComfyUI): ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight``
   / ``.alpha``; the text encoder as ``lora_te_`` (``lora_te1_``/``lora_te2_`` for SDXL's two). Scale alpha/rank,
-  1 without an alpha.
+  1 without an alpha. The UNet's module path is diffusers' (``down_blocks_1_attentions_0_...``) or, as
+  sd-scripts writes SDXL LoRAs, the original (SGM/LDM) one (``input_blocks_4_1_...``), mapped to diffusers'
+  as diffusers maps it (:func:`sgm_to_diffusers`).
 - **diffusers/peft**: ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and ``text_encoder.``...), with
   alpha and rank from the ``lora_adapter_metadata`` diffusers writes in the file's metadata (``unet.lora_alpha``,
   ``unet.r``, ``alpha_pattern``, ``rank_pattern``, ``use_rslora``), or ``.alpha`` entries; scale 1 without.
@@ -42,6 +44,55 @@ PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.w
 UNSUPPORTED = {r"\.hada_": "LoHa (LyCORIS)", r"\.lokr_": "LoKr (LyCORIS)", r"dora_scale$": "DoRA",
                r"lora_magnitude_vector": "DoRA", r"\.lora_mid\.": "LoCon with a Tucker core (LyCORIS)",
                r"\.diff(_b)?$": "a full weight difference (LyCORIS)", r"lora_B\.bias$": "a LoRA with biases"}
+
+
+# the original UNet's module names (SGM/LDM layout, as kohya writes SDXL LoRAs) -> diffusers', "_"-joined
+SGM_TOP = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+           "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+           "input_blocks_0_0": "conv_in", "out_2": "conv_out"}
+SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+              "skip_connection": "conv_shortcut"}
+
+
+def sgm_to_diffusers(module: str, layers_per_block: int) -> str | None:
+    """A UNet module path in the original layout (``_``-joined, as kohya writes it) -> diffusers' path, or None
+    when ``module`` is not in that layout. ``layers_per_block``: the UNet's (down blocks have that many ResNets,
+    up blocks one more), which numbers the original's flat ``input_blocks`` / ``output_blocks``."""
+    if module in SGM_TOP:
+        return SGM_TOP[module]
+    m = re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)", module) or \
+        re.fullmatch(r"(middle_block)_(\d+)_(.+)", module)
+    if m is None:
+        return None
+    if m[1] == "middle_block":
+        j, rest = int(m[2]), m[3]
+        if j > 2:
+            return None
+        inner, layer = (("resnets", 0), ("attentions", 0), ("resnets", 1))[j]
+        prefix = "mid_block"
+    else:
+        i, j, rest = int(m[2]), int(m[3]), m[4]
+        per = layers_per_block + 1
+        if m[1] == "input_blocks":
+            block, layer = divmod(i - 1, per)
+            if rest == "op":
+                return f"down_blocks_{block}_downsamplers_0_conv"
+            prefix = f"down_blocks_{block}"
+        else:
+            block, layer = divmod(i, per)
+            if rest == "conv":
+                return f"up_blocks_{block}_upsamplers_0_conv"
+            prefix = f"up_blocks_{block}"
+        inner = "resnets" if j == 0 else "attentions"
+    if inner == "resnets":
+        rest = SGM_RESNET.get(rest, rest)
+    return f"{prefix}_{inner}_{layer}_{rest}"
+
+
+def _layers_per_block(modules) -> int:
+    """The UNet's layers_per_block, read from its module names (the ResNets of its first down block)."""
+    found = [int(m) for m in re.findall(r"^down_blocks_0_resnets_(\d+)_", "\n".join(modules), re.M)]
+    return max(found) + 1 if found else 1
 
 
 @dataclass(frozen=True)
@@ -178,6 +229,10 @@ class LoraFile:
             outer = f"text_model{sep}"
             aliases = {m[len(outer):] if m.startswith(outer) else outer + m: w for m, w in by_module.items()}
             by_module = {**aliases, **by_module}
+        if component == "unet" and sep == "_" and any(sgm_to_diffusers(m, 1) for m in layers):
+            per = _layers_per_block(by_module)  # an original-layout (SGM) file: its names as diffusers'
+            by_module = {**by_module, **{m: by_module[d] for m in layers
+                                         if (d := sgm_to_diffusers(m, per)) in by_module}}
         matched = {by_module[m]: layer for m, layer in layers.items() if m in by_module}
         unmatched = [m for m in layers if m not in by_module]
         if unmatched:
@@ -322,6 +377,8 @@ def lora_initializers(manifest, component: str, loras: Sequence[tuple[LoraFile, 
     scratch = np.empty(max(touched, default=0), np.float32)  # every delta is laid out here in turn
     for weight, delta in lora_deltas(loras, component, {w: e["shape"] for w, e in weights.items()}):
         entry = weights[weight]
+        if "unused" in entry:  # the graph does not read it (SDXL's first text encoder's last layer)
+            continue
         if "initializers" not in entry:
             raise UserError(f"{component}: a LoRA patches {weight!r}, which the export could not locate in the "
                             f"graph ({entry.get('unmapped')}); fuse this LoRA with `sdrt export --lora`")

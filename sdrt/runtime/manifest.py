@@ -51,7 +51,8 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
                                                            # attention; vae_*: GroupNorm as LayerNormalization
                    "token_embedding": {"initializer": str, "shape": [vocab, hidden]},  # text_encoder: the table
                                                            # textual-inversion rows are added to (at run time)
-                   "weight_map": {"file": "unet/weight_map.json", "sha256", "mapped": int, "unmapped": int}}
+                   "weight_map": {"file": "unet/weight_map.json", "sha256", "mapped": int, "unmapped": int,
+                                  "unused": int}}
                                                            # text_encoder, unet: where each Linear/Conv2d weight
                                                            # went (sdrt.export.weight_map), for run-time LoRAs
       },

@@ -43,7 +43,7 @@ DEFAULT_AESTHETIC_SCORE = 6.0           # diffusers' StableDiffusionXLImg2ImgPip
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 logger = logging.getLogger(__name__)
-LORA_COMPONENTS = ("text_encoder", "unet")  # the components a LoRA may patch in this pipeline
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # the components a LoRA may patch
 
 
 @dataclass
@@ -293,7 +293,7 @@ class Pipeline:
         self.sessions = {}
         self._encoder_lock = threading.Lock()
         self.loras = load_loras(loras)
-        check_components(self.loras, LORA_COMPONENTS, str(self.engine_dir))
+        check_components(self.loras, [c for c in LORA_COMPONENTS if self.manifest.has(c)], str(self.engine_dir))
         wanted = [*self.model.text_encoder_components, "unet", "vae_decoder"]
         if load_encoder and self.manifest.has("vae_encoder"):
             wanted.append("vae_encoder")

@@ -125,6 +125,37 @@ def test_two_loras_at_run_time_match_diffusers(engine_dirs, model_dirs, lora_fil
     pipe.close()
 
 
+@pytest.mark.parametrize("fmt", ["kohya-sgm", "peft"])
+def test_sdxl_loras_on_both_text_encoders_and_the_unet_match_diffusers(tiny_model, tmp_path, fmt):
+    """SDXL: kohya files as sd-scripts writes them (lora_te1_/lora_te2_, the UNet in the original layout's
+    names, mapped as diffusers maps them) and diffusers/peft files, at run time, against load_lora_weights."""
+    from sdrt.runtime import Pipeline
+    from tools.make_loras import make_lora
+
+    model, engine = tiny_model("sdxl-tiny")
+    lora = make_lora(model, tmp_path / f"{fmt}.safetensors", fmt.split("-")[0], rank=4, alpha=2.0, seed=11,
+                     conv=True, sgm=fmt == "kohya-sgm")
+    pipe = Pipeline(engine, loras=[(lora, 0.8)])
+    assert sorted(pipe.loras[0][0].components) == ["text_encoder", "text_encoder_2", "unet"]
+    ref = reference(model, [(lora, 0.8)])
+    ours = pipe.generate(PROMPT, **SETTINGS).images[0]
+    theirs = reference_image(ref, **SETTINGS)
+    psnr = images_psnr(ours, theirs)
+    print(f"sdxl-tiny {fmt}: image PSNR vs diffusers {psnr:.1f} dB")
+    assert psnr >= PSNR_FLOOR_DB
+    assert images_psnr(Pipeline(engine).generate(PROMPT, **SETTINGS).images[0], theirs) < 35, "the LoRA changed nothing"
+    pipe.close()
+
+
+def test_a_second_encoder_lora_is_refused_on_a_one_encoder_engine(sd1_engine, tiny_model, tmp_path):
+    from sdrt.runtime import Pipeline
+    from tools.make_loras import make_lora
+
+    lora = make_lora(tiny_model("sdxl-tiny")[0], tmp_path / "xl.safetensors", "kohya", seed=1, sgm=True)
+    with pytest.raises(UserError, match="text_encoder_2, which .* does not have"):
+        Pipeline(sd1_engine, loras=[lora])
+
+
 def test_the_scale_is_linear_and_zero_is_no_lora(sd1_engine, lora_files, plain_pipes):
     from sdrt.runtime import Pipeline
 
