@@ -45,13 +45,14 @@ def _add_export(sub) -> None:
                                    "and VAE also get model.ort.onnx, the form ONNX Runtime's CPU provider runs "
                                    "fastest, over the same weights file and checked the same way. The text encoder and UNet "
                                    "get a weight map (where each weight went) so that LoRAs apply at run time without "
-                                   "re-export. MODEL_DIR may be a single-file .safetensors checkpoint (SD1.x, SD2.x), "
+                                   "re-export. MODEL_DIR may be a single-file .safetensors checkpoint (SD1.x, SD2.x, SDXL), "
                                    "converted offline. Written into a hidden folder beside ENGINE_DIR and renamed into "
                                    "place; a failure, Ctrl-C or SIGTERM removes it, and the next export removes one a "
                                    "killed export left.")
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="a diffusers-format Stable Diffusion checkpoint folder, or one .safetensors file in the "
-                        "original (LDM) layout, SD1.x or SD2.x, converted offline with configs sdrt ships")
+                        "original (LDM/SGM) layout, SD1.x, SD2.x or SDXL base, converted offline with configs sdrt "
+                        "ships")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine directory to write")
     p.add_argument("--force", action="store_true", help="replace ENGINE_DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (14..20, default 17)")

@@ -1,7 +1,8 @@
-"""Write a diffusers-format SD1/SD2 checkpoint as one ``.safetensors`` file in the original (LDM) layout, as
-community fine-tunes ship: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
+"""Write a diffusers-format SD1/SD2/SDXL checkpoint as one ``.safetensors`` file in the original (LDM/SGM) layout,
+as community fine-tunes ship: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE) and
 ``cond_stage_model.transformer.text_model.*`` (SD1's CLIP) or ``cond_stage_model.model.*`` (SD2's OpenCLIP,
-q/k/v packed into ``in_proj``). The key tables are those of diffusers' scripts/convert_diffusers_to_original_
+q/k/v packed into ``in_proj``); SDXL's ``conditioner.embedders.0.transformer.*`` (CLIP) and
+``conditioner.embedders.1.model.*`` (OpenCLIP, with its ``text_projection`` matrix). The key tables are those of diffusers' scripts/convert_diffusers_to_original_
 stable_diffusion.py, generalised to any number of blocks and layers per block, so the tiny test models convert.
 
     python -m tools.to_single_file MODEL_DIR OUT.safetensors [--no-vae] [--vae-out VAE.safetensors] [--v-pred-key]
@@ -17,7 +18,8 @@ from pathlib import Path
 RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
 UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-            ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+            ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+            ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
 
 
 def _load(folder: Path) -> dict:
@@ -145,7 +147,13 @@ def to_single_file(model_dir: str | Path, out: str | Path, vae: bool = True, vae
     if vae_out is not None:
         save_file({k: v.contiguous() for k, v in first_stage.items()}, str(vae_out))
     text = _load(model_dir / "text_encoder")
-    if text_cfg.get("hidden_act") == "gelu":  # SD2's OpenCLIP ViT-H
+    if (model_dir / "text_encoder_2").is_dir():  # SDXL: CLIP ViT-L and OpenCLIP ViT-bigG with its projection
+        tensors.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_to_ldm(text).items()})
+        text2 = _load(model_dir / "text_encoder_2")
+        projection = text2.pop("text_projection.weight")
+        tensors.update({f"conditioner.embedders.1.model.{k}": v for k, v in open_clip_to_ldm(text2).items()})
+        tensors["conditioner.embedders.1.model.text_projection"] = projection.T  # OpenCLIP: x @ text_projection
+    elif text_cfg.get("hidden_act") == "gelu":  # SD2's OpenCLIP ViT-H
         tensors.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_to_ldm(text).items()})
     else:
         tensors.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_to_ldm(text).items()})

@@ -135,8 +135,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                                 "configs and scheduler decide)")
         ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
         available = [c for c, _ in ckpt.text_encoders] + ["unet", "vae_decoder", "vae_encoder"]
-    else:  # SD1.x or SD2.x: one text encoder
-        available = [c for c in COMPONENTS if c != "text_encoder_2"]
+    else:  # SD1.x or SD2.x: one text encoder; SDXL: two
+        available = [c for c in COMPONENTS if c != "text_encoder_2" or single.family == "sdxl"]
     comps = parse_components(components, available)
     lora_files = load_loras(loras)
     check_components(lora_files, [c for c in comps if c in LORA_COMPONENTS], "this export")

@@ -1,12 +1,14 @@
 """Single-file checkpoints: one ``.safetensors`` in the original (LDM) layout, as community fine-tunes ship.
 
 The family is read from the file's header (keys and shapes; no tensor is read): SD1.x has CLIP ViT-L under
-``cond_stage_model.transformer.``, SD2.x OpenCLIP ViT-H under ``cond_stage_model.model.``; both have the UNet
-under ``model.diffusion_model.`` and usually the VAE under ``first_stage_model.``. SDXL (``conditioner.``),
-inpainting and other UNet inputs, and layouts of other kinds are refused naming what was found.
+``cond_stage_model.transformer.``, SD2.x OpenCLIP ViT-H under ``cond_stage_model.model.``, SDXL (base) CLIP ViT-L
+under ``conditioner.embedders.0.transformer.`` and OpenCLIP ViT-bigG under ``conditioner.embedders.1.model.``; all
+have the UNet under ``model.diffusion_model.`` and usually the VAE under ``first_stage_model.``. The SDXL
+refiner (one OpenCLIP encoder at ``conditioner.embedders.0.model.``), inpainting and other UNet inputs, and
+layouts of other kinds are refused naming what was found.
 
 The weights are converted by diffusers' own ``from_single_file`` against configs sdrt ships
-(``configs/sd1``, ``configs/sd2``: diffusers-format JSON, the tokenizer's files, the CLIP vocabulary derived from
+(``configs/sd1``, ``configs/sd2``, ``configs/sdxl``: diffusers-format JSON, the tokenizer's files, the CLIP vocabulary derived from
 the shipped merge list), so nothing is fetched from a hub; ``--config DIR`` names other configs (a diffusers
 folder: its JSON and tokenizer are used, not its weights). The converted model is written as a diffusers folder
 in the export's scratch space and exported from there like any checkpoint folder.
@@ -34,17 +36,21 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT = {"sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-        "sd2": "cond_stage_model.model.token_embedding.weight"}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x"}
+        "sd2": "cond_stage_model.model.token_embedding.weight",
+        "sdxl": "conditioner.embedders.1.model.token_embedding.weight"}
+SDXL_TEXT_1 = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+SDXL_REFINER_TEXT = "conditioner.embedders.0.model.token_embedding.weight"
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                 "scheduler/scheduler_config.json")
+TOKENIZERS = {"sd1": ("tokenizer",), "sd2": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 SD2_BASE_SAMPLE_SIZE = 64  # SD 2.x base (epsilon) is a 512 px model; the shipped SD2 config is 768-v's
 
 
 @dataclass
 class SingleFile:
     path: Path
-    family: str                          # "sd1" | "sd2"
+    family: str                          # "sd1" | "sd2" | "sdxl"
     shapes: dict[str, tuple[int, ...]]
 
     @property
@@ -67,9 +73,9 @@ def inspect_single_file(path: str | Path) -> SingleFile:
         raise UserError(f"{path}: a single-file checkpoint must be a .safetensors file (or give a diffusers folder)")
     header = SafetensorsFile(path)
     shapes = {k: header.shape(k) for k in header.keys()}
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise UserError(f"{path}: an SDXL checkpoint (conditioner.embedders.*), which sdrt does not export yet; "
-                        "supported single files: SD1.x and SD2.x")
+    if SDXL_REFINER_TEXT in shapes:
+        raise UserError(f"{path}: an SDXL refiner checkpoint (one OpenCLIP encoder at conditioner.embedders.0.model), "
+                        "which sdrt does not export from a single file; export the refiner's diffusers folder")
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None:
         raise UserError(f"{path}: not an original-layout Stable Diffusion checkpoint (no "
@@ -78,16 +84,17 @@ def inspect_single_file(path: str | Path) -> SingleFile:
         what = "an inpainting UNet" if conv_in[1] == 9 else "a UNet that takes extra input channels"
         raise UserError(f"{path}: {what} ({conv_in[1]} input channels), which sdrt does not export; "
                         "supported: txt2img/img2img UNets with 4 input channels")
-    if any(k.startswith(UNET + "label_emb.") for k in shapes):
+    found = [f for f, key in TEXT.items() if key in shapes and (f != "sdxl" or SDXL_TEXT_1 in shapes)]
+    if len(found) != 1:
+        raise UserError(f"{path}: no text encoder sdrt knows (expected {TEXT['sd1']} for SD1.x, {TEXT['sd2']} "
+                        f"for SD2.x or {SDXL_TEXT_1} and {TEXT['sdxl']} for SDXL; found "
+                        f"{_sample(k for k in shapes if k.startswith(('cond_stage_model.', 'conditioner.')))})")
+    family = found[0]
+    if family != "sdxl" and any(k.startswith(UNET + "label_emb.") for k in shapes):
         raise UserError(f"{path}: a class-conditioned UNet (label_emb: an upscaler or unCLIP), which sdrt does not "
                         "export")
-    found = [f for f, key in TEXT.items() if key in shapes]
-    if len(found) != 1:
-        raise UserError(f"{path}: no text encoder sdrt knows (expected {TEXT['sd1']} for SD1.x or {TEXT['sd2']} "
-                        f"for SD2.x; found {_sample(k for k in shapes if k.startswith('cond_stage_model.'))})")
-    family = found[0]
     context = next((s[1] for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
-    hidden = shapes[TEXT[family]][1]
+    hidden = shapes[TEXT[family]][1] + (shapes[SDXL_TEXT_1][1] if family == "sdxl" else 0)
     if context is not None and context != hidden:
         raise UserError(f"{path}: the UNet's cross-attention takes {context} features but the text encoder gives "
                         f"{hidden}; not a checkpoint sdrt knows")
@@ -100,7 +107,7 @@ def convert_single_file(sf: SingleFile, out_dir: Path, *, vae: str | Path | None
     """Convert ``sf`` with diffusers' ``from_single_file`` into a diffusers folder ``out_dir``; returns what the
     manifest records of it (under source.single_file)."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UserError(f"--prediction-type {prediction_type!r}: choose {' or '.join(PREDICTION_TYPES)}")
@@ -117,8 +124,11 @@ def convert_single_file(sf: SingleFile, out_dir: Path, *, vae: str | Path | None
         if vae is not None:
             extra["vae"] = AutoencoderKL.from_single_file(str(inspect_vae_file(vae)), subfolder="vae", **kwargs)
         try:
-            pipe = StableDiffusionPipeline.from_single_file(str(sf.path), safety_checker=None,
-                                                            requires_safety_checker=False, **kwargs, **extra)
+            if sf.family == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_single_file(str(sf.path), **kwargs, **extra)
+            else:
+                pipe = StableDiffusionPipeline.from_single_file(str(sf.path), safety_checker=None,
+                                                                requires_safety_checker=False, **kwargs, **extra)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise UserError(f"{sf.path}: diffusers could not convert it with the {FAMILY_NAMES[sf.family]} configs "
                             f"({str(e).splitlines()[0][:300]}); pass the model's own with --config DIR") from None
@@ -133,7 +143,7 @@ def convert_single_file(sf: SingleFile, out_dir: Path, *, vae: str | Path | None
         pipe.save_pretrained(out_dir, safe_serialization=True)
         del pipe, extra
         # keep the configs' own tokenizer and scheduler files (save_pretrained rewrites them with every default)
-        for sub in ("tokenizer", "scheduler"):
+        for sub in (*TOKENIZERS[sf.family], "scheduler"):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
             shutil.copytree(configs / sub, out_dir / sub)
     finally:
@@ -163,6 +173,8 @@ def _declared_prediction(sf: SingleFile, prediction_type: str | None) -> tuple[s
         return "v_prediction", "the checkpoint's v_pred key"
     if sf.family == "sd1":
         return "epsilon", "SD1.x predicts the noise"
+    if sf.family == "sdxl":
+        return "epsilon", "SDXL predicts the noise"
     return None, ""
 
 
@@ -185,18 +197,23 @@ def _write_configs(family: str, config_dir: Path | None, out: Path) -> None:
     from sdrt.export.clip_vocab import shipped_merges, write_vocab_files
 
     shutil.rmtree(out, ignore_errors=True)
+    tokenizers = TOKENIZERS[family]
     if config_dir is None:
         shutil.copytree(CONFIG_ROOT / family, out)
-        write_vocab_files(out / "tokenizer", shipped_merges())
+        for tok in tokenizers:
+            write_vocab_files(out / tok, shipped_merges())
         return
-    missing = [f for f in CONFIG_FILES if not (config_dir / f).is_file()]
-    if missing or not (config_dir / "tokenizer").is_dir():
-        raise UserError(f"--config {config_dir}: not a diffusers checkpoint folder (missing "
-                        f"{', '.join(missing) or 'tokenizer/'})")
-    for f in CONFIG_FILES:
+    files = CONFIG_FILES + (("text_encoder_2/config.json",) if family == "sdxl" else ())
+    missing = [f for f in files if not (config_dir / f).is_file()] + \
+        [f"{t}/" for t in tokenizers if not (config_dir / t).is_dir()]
+    if missing:
+        raise UserError(f"--config {config_dir}: not a diffusers {FAMILY_NAMES[family]} checkpoint folder (missing "
+                        f"{', '.join(missing)})")
+    for f in files:
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(config_dir / f, out / f)
-    shutil.copytree(config_dir / "tokenizer", out / "tokenizer")
+    for tok in tokenizers:
+        shutil.copytree(config_dir / tok, out / tok)
 
 
 def _set_prediction(configs: Path, prediction: str) -> None:

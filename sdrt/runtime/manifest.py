@@ -6,7 +6,7 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
       "format": "sdrt-engine", "format_version": 1,
       "source": {"path": str, "pipeline_class": str, "config_sha256": str,   # path: the folder or single file
                  "loras": [{"file", "sha256", "scale", "format"}],     # fused by `sdrt export --lora`
-                 "single_file"?: {"file", "sha256", "family": "sd1" | "sd2", "configs": str,
+                 "single_file"?: {"file", "sha256", "family": "sd1" | "sd2" | "sdxl", "configs": str,
                                   "vae": {"file", "sha256"} | null,
                                   "prediction_type": {"value": str, "how": str}}},   # how it was told
       "model": {                      # every model number, read from the checkpoint's configs

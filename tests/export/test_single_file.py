@@ -118,9 +118,41 @@ def _header_file(path, shapes):
     return path
 
 
+def test_sdxl_single_file_exports_like_its_folder(tiny_model, tmp_path):
+    """SDXL base in the original (SGM) layout: both text encoders, the added conditioning, offline; it loads back
+    in diffusers' from_single_file with the same weights, and the export draws its folder's pictures."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdrt.runtime import Pipeline
+    from tools.to_single_file import to_single_file
+
+    model, folder_engine = tiny_model("sdxl-tiny")
+    file = to_single_file(model, tmp_path / "xl.safetensors")
+    ours = StableDiffusionXLPipeline.from_single_file(str(file), config=str(model), local_files_only=True)
+    original = StableDiffusionXLPipeline.from_pretrained(model)
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(original, comp).state_dict(), getattr(ours, comp).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
+    del ours, original
+    engine = tmp_path / "e"
+    r = run_cli("export", file, engine, "-q", "--components", "text_encoder,text_encoder_2,unet,vae_decoder",
+                "--config", model)
+    assert r.returncode == 0, r.stderr
+    source = manifest(engine)["source"]["single_file"]
+    assert source["family"] == "sdxl" and source["prediction_type"]["value"] == "epsilon"
+    assert manifest(engine)["model"] == manifest(folder_engine)["model"]
+    for comp, entry in manifest(engine)["components"].items():
+        assert entry["parity"]["rel_l2"] <= 1e-4, comp
+    a = Pipeline(engine).generate("a red circle", **SETTINGS).images[0]
+    b = Pipeline(folder_engine).generate("a red circle", **SETTINGS).images[0]
+    assert images_psnr(a, b) >= 60
+
+
 @pytest.mark.parametrize("shapes, needles", [
-    ({"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
-      "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["SDXL", "not export yet"]),
+    ({"conditioner.embedders.0.model.token_embedding.weight": (49408, 32),
+      "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["SDXL refiner", "diffusers folder"]),
+    ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 32),
+      "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["no text encoder sdrt knows", "SDXL"]),
     ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3)}, ["inpainting", "9 input channels"]),
     ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)}, ["not an original-layout", "down_blocks.0.resnets"]),
     ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["no text encoder sdrt knows"]),
@@ -161,6 +193,15 @@ def test_shipped_configs_describe_the_sd_architectures():
     unet2 = UNet2DConditionModel.load_config(CONFIG_ROOT / "sd2" / "unet")
     assert unet2["cross_attention_dim"] == 1024 and unet2["use_linear_projection"]
     assert json.loads((CONFIG_ROOT / "sd2" / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"] == "!"
+    # SDXL base: the 2.6B-parameter UNet with added conditioning, CLIP ViT-L + OpenCLIP ViT-bigG (pads with "!")
+    xl = UNet2DConditionModel.load_config(CONFIG_ROOT / "sdxl" / "unet")
+    assert (xl["cross_attention_dim"], xl["transformer_layers_per_block"], xl["addition_embed_type"],
+            xl["projection_class_embeddings_input_dim"]) == (2048, [1, 2, 10], "text_time", 2816)
+    assert AutoencoderKL.load_config(CONFIG_ROOT / "sdxl" / "vae")["scaling_factor"] == 0.13025
+    te2 = CLIPTextConfig.from_pretrained(CONFIG_ROOT / "sdxl" / "text_encoder_2")
+    assert (te2.hidden_size, te2.num_hidden_layers, te2.projection_dim) == (1280, 32, 1280)
+    assert CLIPTextConfig.from_pretrained(CONFIG_ROOT / "sdxl" / "text_encoder").hidden_size == 768
+    assert json.loads((CONFIG_ROOT / "sdxl" / "tokenizer_2" / "special_tokens_map.json").read_text())["pad_token"] == "!"
 
 
 def test_the_shipped_clip_vocabulary_is_clips():
