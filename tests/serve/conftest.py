@@ -13,15 +13,10 @@ import time
 import pytest
 
 from tests.conftest import ROOT
+from tools.ports import free_port  # noqa: F401 - test_ray imports it from here
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(engine_dir, *args, env=None, ready_s: float = 120):
