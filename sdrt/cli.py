@@ -32,7 +32,8 @@ def _cmd_export(args) -> int:
     from sdrt.export import export_model
 
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
-                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet)
+                 components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
+                 cache_branch=args.cache_branch, tiny_vae=args.tiny_vae)
     print(args.engine_dir)
     return 0
 
@@ -53,6 +54,14 @@ def _add_export(sub) -> None:
                    help="comma-separated subset of text_encoder,unet,vae_decoder,vae_encoder (default: all)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickle-based weights (.bin/.ckpt) when no safetensors exist; only for trusted files")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                   help="also export the UNet as the pair feature caching runs (`--cache-interval N` at run time): "
+                        "unet_deep (the UNet, also returning the hidden state that enters up-path layer B) and "
+                        "unet_shallow (only the layers around skip connections 0..B, reading that cached state). "
+                        "B is DeepCache's cache_branch_id: 0 is the cheapest shallow UNet")
+    p.add_argument("--tiny-vae", default=None, metavar="DIR",
+                   help="an AutoencoderTiny folder (TAESD architecture, diffusers layout) whose decoder is exported "
+                        "beside the full one as vae_decoder_tiny (`--vae tiny` and previews at run time)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
