@@ -26,12 +26,13 @@ def _cmd_serve(args) -> int:
                          max_queue=args.max_queue, timeout=args.timeout, backend=args.backend,
                          api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
                          max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
-                         embeddings=args.embedding)
+                         embeddings=args.embedding, precision=args.precision, vae=args.vae)
     return serve(config)
 
 
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS, DEFAULT_BACKEND
+    from sdrt.runtime.cli import add_mode_options
 
     p = sub.add_parser(
         "serve", help="serve an engine directory over HTTP, batching the UNet steps of concurrent requests",
@@ -63,6 +64,7 @@ def add_subcommand(sub) -> None:
                    help="width x height per image (default: 4x the model's default size)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors) prompts may use as TOKEN; repeatable")
+    add_mode_options(p, serve=True)
     p.add_argument("--no-warmup", action="store_true",
                    help="ready without the warm-up step (the first request then pays for it)")
     p.set_defaults(func=_cmd_serve)
