@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-s", type=float, default=300, help="wall-clock guard: stop training after this long")
+    ap.add_argument("--init", default=None, metavar="DIR", help="continue from this AutoencoderTiny's weights")
     args = ap.parse_args(argv)
 
     import torch
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     teacher = AutoencoderKL.from_pretrained(Path(args.model_dir) / "vae").eval().requires_grad_(False)
     scaling = float(teacher.config.scaling_factor)
-    tiny = AutoencoderTiny(**tiny_config(dict(teacher.config), args.channels, args.encoder_channels))
+    tiny = (AutoencoderTiny.from_pretrained(args.init) if args.init else
+            AutoencoderTiny(**tiny_config(dict(teacher.config), args.channels, args.encoder_channels)))
     opt = torch.optim.AdamW(tiny.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     log, t0 = [], time.time()
@@ -88,8 +90,9 @@ def main(argv=None) -> int:
         full_mse = float((teacher.decode(z / scaling).sample - x).pow(2).mean())
     out = Path(args.out_dir)
     tiny.save_pretrained(out, safe_serialization=True)
-    summary = dict(steps=step + 1, batch=args.batch, lr=args.lr, channels=args.channels,
-                   encoder_channels=args.encoder_channels, seed=args.seed,
+    summary = dict(init=args.init, steps=step + 1, batch=args.batch, lr=args.lr,
+                   channels=tiny.config.decoder_block_out_channels[0],
+                   encoder_channels=tiny.config.encoder_block_out_channels[0], seed=args.seed,
                    threads=args.threads, train_s=round(train_s, 1),
                    params=sum(p.numel() for p in tiny.parameters()),
                    decoder_params=sum(p.numel() for p in tiny.decoder.parameters()),
