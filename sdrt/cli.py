@@ -33,7 +33,8 @@ def _cmd_export(args) -> int:
 
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
                  components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
-                 loras=args.lora, vae=args.vae, prediction_type=args.prediction_type, config_dir=args.config)
+                 loras=args.lora, vae=args.vae, prediction_type=args.prediction_type, config_dir=args.config,
+                 cache_branch=args.cache_branch, tiny_vae=args.tiny_vae)
     print(args.engine_dir)
     return 0
 
@@ -73,6 +74,14 @@ def _add_export(sub) -> None:
     p.add_argument("--config", default=None, metavar="DIR",
                    help="single file: a diffusers folder whose configs and tokenizer describe the file's model "
                         "(default: the ones sdrt ships for the detected family)")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="B",
+                   help="also export the UNet as the pair feature caching runs (`--cache-interval N` at run time): "
+                        "unet_deep (the UNet, also returning the hidden state that enters up-path layer B) and "
+                        "unet_shallow (only the layers around skip connections 0..B, reading that cached state). "
+                        "B is DeepCache's cache_branch_id: 0 is the cheapest shallow UNet")
+    p.add_argument("--tiny-vae", default=None, metavar="DIR",
+                   help="an AutoencoderTiny folder (TAESD architecture, diffusers layout) whose decoder is exported "
+                        "beside the full one as vae_decoder_tiny (`--vae tiny` and previews at run time)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

@@ -16,6 +16,7 @@ from sdrt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "shapes-32"
+DEFAULT_TINY_VAE = ROOT / "models" / "shapes-32-tiny-vae"   # its tiny VAE (tools/train_tiny_vae.py)
 DEFAULT_PROMPTS = (
     "a red circle on a blue background",
     "a yellow square on a black background",
@@ -27,7 +28,7 @@ DEFAULT_PROMPTS = (
 
 
 def run_demo(model: Path, out: Path, steps: int, guidance: float, seed: int, scheduler: str | None,
-             prompts=DEFAULT_PROMPTS, progress: bool = True) -> dict:
+             prompts=DEFAULT_PROMPTS, progress: bool = True, tiny_vae: Path | None = None) -> dict:
     from sdrt.export import export_model
     from sdrt.runtime import Pipeline
     from sdrt.runtime.images import contact_sheet, format_parameters, save_png
@@ -38,17 +39,21 @@ def run_demo(model: Path, out: Path, steps: int, guidance: float, seed: int, sch
     out.mkdir(parents=True, exist_ok=True)
     engine = out / "engine"
     print(f"1/3 export {model} -> {engine}", file=sys.stderr)
-    manifest = export_model(model, engine, force=True, progress=progress, log=lambda m: None)
+    manifest = export_model(model, engine, force=True, progress=progress, log=lambda m: None, tiny_vae=tiny_vae)
     print("\nexport parity (ONNX Runtime vs PyTorch, relative L2):")
     for name, c in manifest["components"].items():
         print(f"  {name:13s} {c['parity']['rel_l2']:.2e}")
     print(f"\n2/3 generate {len(prompts)} prompts with the torch-free runtime", file=sys.stderr)
     pipe = Pipeline(engine)
-    images, timings = [], []
+    images, timings, tiny_images, tiny_ms = [], [], [], []
     for i, prompt in enumerate(prompts):
         r = pipe.generate(prompt, steps=steps, guidance=guidance, seed=seed + i, scheduler=scheduler)
         images.append(r.images[0])
         timings.append(r.timings)
+        if tiny_vae is not None:  # the same latents through the tiny decoder
+            t0 = time.perf_counter()
+            tiny_images.append(pipe.decode_latents(r.latents, "vae_decoder_tiny")[0])
+            tiny_ms.append((time.perf_counter() - t0) * 1e3)
         save_png(r.images[0], out / f"{i}.png", format_parameters(
             prompt, None, steps, scheduler or pipe.model.scheduler_class, guidance, seed + i,
             pipe.model.default_height, pipe.model.default_width, model.name))
@@ -65,6 +70,12 @@ def run_demo(model: Path, out: Path, steps: int, guidance: float, seed: int, sch
           f"{steps_phrase(steps, calls)}, VAE decode {vae:.1f} ms, total {total:.2f} s")
     print(f"pictures: {out}/0.png ... {out}/{len(prompts) - 1}.png; contact sheet: {out / 'contact_sheet.png'}")
     checks = _shape_check(prompts, images)
+    if tiny_images:
+        print(f"\nthe tiny VAE decoder ({tiny_vae.name}): {sum(tiny_ms) / len(tiny_ms):.1f} ms per decode against "
+              f"{vae:.1f} ms for the full one")
+        save_png(contact_sheet(tiny_images, columns=3, scale=max(1, 128 // max(images[0].shape[:2]))),
+                 out / "contact_sheet_tiny_vae.png")
+        _shape_check(prompts, tiny_images)
     parity = _diffusers_parity(model, prompts, images, steps, guidance, seed, scheduler)
     return {"images": images, "timings": timings, "checks": checks, "parity": parity}
 
@@ -116,8 +127,10 @@ def _diffusers_parity(model, prompts, images, steps, guidance, seed, scheduler):
 
 @terminate_as_interrupt
 def _cmd_demo(args) -> int:
+    tiny = args.tiny_vae if args.tiny_vae is not None else (str(DEFAULT_TINY_VAE) if Path(args.model) == DEFAULT_MODEL
+                                                            and DEFAULT_TINY_VAE.is_dir() else "")
     run_demo(Path(args.model), Path(args.out), args.steps, args.guidance, args.seed, args.scheduler,
-             progress=not args.quiet)
+             progress=not args.quiet, tiny_vae=Path(tiny) if tiny else None)
     return 0
 
 
@@ -130,5 +143,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default=None)
+    p.add_argument("--tiny-vae", default=None, metavar="DIR",
+                   help=f"an AutoencoderTiny for the model, also decoding every picture (default with the default "
+                        f"model: {DEFAULT_TINY_VAE.relative_to(ROOT)}; '' for none)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)

@@ -98,12 +98,14 @@ def init_image_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes_engine(tmp_path_factory) -> Path:
-    """The embedded trained model (models/shapes-32) exported once per session (read-only for tests)."""
+    """The embedded trained model (models/shapes-32) exported once per session with its tiny VAE decoder
+    (read-only for tests)."""
     pytest.importorskip("diffusers")
     from sdrt.export import export_model
 
     engine = tmp_path_factory.mktemp("shapes") / "engine"
-    export_model(ROOT / "models" / "shapes-32", engine, progress=False, log=lambda m: None)
+    export_model(ROOT / "models" / "shapes-32", engine, progress=False, log=lambda m: None,
+                 tiny_vae=ROOT / "models" / "shapes-32-tiny-vae")  # the tiny VAE decoder trained for it
     return engine
 
 

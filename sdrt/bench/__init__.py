@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sdrt._signals import terminate_as_interrupt
 from sdrt.bench.runner import Settings, run_bench
+from sdrt.runtime.modes import mode_name, parse_mode
 from sdrt.runtime.manifest import write_json_atomic, write_text_atomic
 
 
@@ -22,7 +23,10 @@ def _cmd_bench(args) -> int:
     settings = Settings(steps=args.steps, height=args.height, width=args.width, batch=args.batch, runs=args.runs,
                         warmup=args.warmup, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                         prompt=args.prompt, negative_prompt=args.negative_prompt, backend=args.backend,
-                        reference_device=args.reference_device, threads=args.threads, embeddings=tuple(args.embedding))
+                        reference_device=args.reference_device, threads=args.threads, embeddings=tuple(args.embedding),
+                        mode=mode_name(args.precision, args.cache_interval, args.vae), compare_mode=args.compare_mode)
+    if args.compare_mode is not None:
+        settings.compare_mode = mode_name(**parse_mode(args.compare_mode))  # checked and spelled as reported
     result = run_bench(args.engine_dir, args.reference, settings, progress=not args.quiet,
                        outputs={"json": args.json, "markdown": args.markdown, "plot": args.plot},
                        allow_other_reference=args.allow_other_reference)
@@ -39,6 +43,7 @@ def _cmd_bench(args) -> int:
 
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS
+    from sdrt.runtime.cli import add_mode_options
     from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
     d = Settings()
@@ -72,6 +77,10 @@ def add_subcommand(sub) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding, loaded by both sides (repeatable)")
     p.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help=f"sdrt's side (default {d.backend})")
+    add_mode_options(p)
+    p.add_argument("--compare-mode", default=None, metavar="MODE",
+                   help="also run sdrt in this mode alongside (words joined by '+': fp32|bf16, cacheN, tiny-vae; "
+                        "e.g. fp32+cache3+tiny-vae); the report gives its ratios to the first mode and to diffusers")
     p.add_argument("--reference-device", default=d.reference_device, choices=["cpu", "cuda"],
                    help=f"diffusers' side (default {d.reference_device})")
     p.add_argument("--threads", metavar="N", type=int, default=None,

@@ -21,23 +21,26 @@ def markdown(result: dict) -> str:
         f"sdrt bench: {s['height']}x{s['width']}, batch {s['batch']}, {steps}, guidance {s['guidance']}, "
         f"{s['runs']} runs after {s['warmup']} warm-up; {env['cpu']} ({env['cpus']} CPUs, {env['threads']} threads)",
         "",
-        "| side | backend | load s | text encoder ms p50/p90 | UNet evaluation ms p50/p90 | VAE decode ms p50/p90 "
+        "| side | mode | backend | load s | text encoder ms p50/p90 | UNet evaluation ms p50/p90 | VAE decode ms p50/p90 "
         "| end-to-end s p50/p90 | images/s | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         cells = [f"{_f(r[k]['p50'])} / {_f(r[k]['p90'])}" for k, _ in STAGES]
         e2e = r["end_to_end_s"]
-        lines.append(f"| {r['name']} | {r['backend']} | {_f(r['load_s'], 2)} | {' | '.join(cells)} | "
+        lines.append(f"| {r['name']} | {r.get('mode') or '—'} | {r['backend']} | {_f(r['load_s'], 2)} | {' | '.join(cells)} | "
                      f"{_f(e2e['p50'], 2)} / {_f(e2e['p90'], 2)} | {_f(r['images_per_s'], 3)} | {_f(r['peak_rss_mb'], 0)} |")
     if s.get("reference_is_source") is False:
         lines += ["", f"The reference {s['reference']} is not the checkpoint the engine was exported from "
                       "(--allow-other-reference): the ratios and parity below compare two different models."]
-    if result.get("ratio"):
-        q = result["ratio"]
-        lines += ["", f"sdrt / diffusers (p50): UNet evaluation {q['unet_step']:.3f}, "
-                      f"end-to-end {q['end_to_end']:.3f}, text encoder {q['text_encoder']:.3f}, "
-                      f"VAE decode {q['vae_decode']:.3f}"]
+    q = result.get("ratio") or {}
+    compare = f"sdrt:{s.get('compare_mode')}"
+    for label, key in (("sdrt / diffusers", "unet_step"), (f"{compare} / sdrt", "compare_mode"),
+                       (f"{compare} / diffusers", "compare_mode_vs_diffusers")):
+        r = q if key == "unet_step" else q.get(key)
+        if r and "unet_step" in r:
+            lines += ["", f"{label} (p50): UNet evaluation {r['unet_step']:.3f}, end-to-end {r['end_to_end']:.3f}, "
+                          f"text encoder {r['text_encoder']:.3f}, VAE decode {r['vae_decode']:.3f}"]
     p = result.get("parity")
     if p:
         comps = ", ".join(f"{c} rel L2 {p[c]['rel_l2']:.2e} (max abs {p[c]['max_abs']:.2e})"

@@ -38,6 +38,8 @@ class Settings:
     reference_device: str = "cpu"
     threads: int | None = None
     embeddings: tuple[str, ...] = ()   # textual-inversion files, FILE[:TOKEN], loaded by both sides
+    mode: str = "fp32"                 # sdrt's mode (sdrt.runtime.modes: precision, cacheN, tiny-vae)
+    compare_mode: str | None = None    # a second sdrt side in this mode, run alongside
 
 
 class Worker:
@@ -132,6 +134,14 @@ def _component_inputs(m: Manifest, height: int, width: int, seed: int) -> dict[s
     return inputs
 
 
+def _ratios(a: dict, b: dict) -> dict:
+    """Run ``a``'s p50 times over run ``b``'s, per stage and end to end."""
+    return {"unet_step": a["unet_step_ms"]["p50"] / b["unet_step_ms"]["p50"],
+            "end_to_end": a["end_to_end_s"]["p50"] / b["end_to_end_s"]["p50"],
+            "text_encoder": a["text_encoder_ms"]["p50"] / b["text_encoder_ms"]["p50"],
+            "vae_decode": a["vae_decode_ms"]["p50"] / b["vae_decode_ms"]["p50"]}
+
+
 def _environment(threads: int | None) -> dict:
     import onnxruntime
 
@@ -220,14 +230,20 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
     workers: dict[str, Worker] = {}
     from tqdm import tqdm
 
-    total = 2 + (s.warmup + s.runs) * (2 if reference else 1) + (3 if reference else 0)
+    sides = 1 + (reference is not None) + (s.compare_mode is not None)
+    total = 2 + (s.warmup + s.runs) * sides + (3 if reference else 0)
     bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not progress, leave=False)
     scratch = Path(tempfile.mkdtemp(prefix="sdrt-bench-"))
     try:
         threads = ["--threads", str(s.threads)] if s.threads else []
         threads += [arg for e in s.embeddings for arg in ("--embedding", str(e))]
         bar.set_postfix_str("loading sdrt")
-        workers["sdrt"] = Worker("sdrt", ["sdrt", str(engine_dir), "--backend", s.backend, *threads], scratch)
+        workers["sdrt"] = Worker("sdrt", ["sdrt", str(engine_dir), "--backend", s.backend, "--mode", s.mode,
+                                          *threads], scratch)
+        if s.compare_mode is not None:
+            workers[f"sdrt:{s.compare_mode}"] = Worker(
+                "sdrt-compare", ["sdrt", str(engine_dir), "--backend", s.backend, "--mode", s.compare_mode,
+                                 *threads], scratch)
         bar.update(1)
         if reference:
             bar.set_postfix_str("loading diffusers")
@@ -259,8 +275,8 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
                 for k, v in feeds.items():
                     paths[k] = str(scratch / f"in-{comp}-{k}.npy")
                     np.save(paths[k], v)
-                outs = {n: w.ask(cmd="component", name=comp, inputs=paths, tag=f"parity-{n}")["outputs"]
-                        for n, w in workers.items()}
+                outs = {n: workers[n].ask(cmd="component", name=comp, inputs=paths, tag=f"parity-{n}")["outputs"]
+                        for n in ("sdrt", "diffusers")}
                 key = next(iter(outs["sdrt"]))
                 a, b = np.load(outs["sdrt"][key]), np.load(outs["diffusers"][key])
                 parity[comp] = {"rel_l2": rel_l2(a, b), "max_abs": float(np.max(np.abs(a.astype(np.float64) - b)))}
@@ -280,7 +296,7 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
             ts = timings[name]
             e2e = percentiles([t["end_to_end_s"] for t in ts])
             runs.append({
-                "name": name, "backend": w.hello["backend"], "load_s": w.hello["load_s"],
+                "name": name, "backend": w.hello["backend"], "mode": w.hello.get("mode"), "load_s": w.hello["load_s"],
                 "images_per_s": s.batch / e2e["p50"], "peak_rss_mb": stats["peak_rss_mb"],
                 "unet_calls": len(ts[0]["unet_step_ms"]),  # per image: more than the steps for pndm and heun
                 "gpu_peak_mb": stats["gpu_peak_mb"],
@@ -289,13 +305,12 @@ def run_bench(engine_dir: str, reference: str | None, settings: Settings, progre
                 "vae_decode_ms": percentiles([t["vae_decode_ms"] for t in ts]),
                 "end_to_end_s": e2e,
             })
-        ratio = None
-        if reference:
-            a, b = runs[0], runs[1]
-            ratio = {"unet_step": a["unet_step_ms"]["p50"] / b["unet_step_ms"]["p50"],
-                     "end_to_end": a["end_to_end_s"]["p50"] / b["end_to_end_s"]["p50"],
-                     "text_encoder": a["text_encoder_ms"]["p50"] / b["text_encoder_ms"]["p50"],
-                     "vae_decode": a["vae_decode_ms"]["p50"] / b["vae_decode_ms"]["p50"]}
+        by_name = {r["name"]: r for r in runs}
+        ratio = _ratios(by_name["sdrt"], by_name["diffusers"]) if reference else None
+        if s.compare_mode is not None:  # the second mode against the first, and against diffusers
+            second = by_name[f"sdrt:{s.compare_mode}"]
+            ratio = dict(ratio or {}, compare_mode=_ratios(second, by_name["sdrt"]),
+                         **({"compare_mode_vs_diffusers": _ratios(second, by_name["diffusers"])} if reference else {}))
         settings_out = asdict(s)
         settings_out.update(engine_dir=str(engine_dir), reference=reference, reference_is_source=same_model)
         return {"environment": _environment(s.threads), "settings": settings_out, "runs": runs, "ratio": ratio,

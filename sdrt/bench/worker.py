@@ -23,13 +23,16 @@ from sdrt.errors import UserError
 
 
 class SdrtSide:
-    def __init__(self, path: str, backend: str, threads: int | None, embeddings: Sequence[str] = ()):
+    def __init__(self, path: str, backend: str, threads: int | None, embeddings: Sequence[str] = (),
+                 mode: str = "fp32"):
         from sdrt.runtime import Pipeline
         from sdrt.runtime.backends import THREADED_BACKENDS
+        from sdrt.runtime.modes import parse_mode
 
         opts = {"threads": threads} if threads and backend in THREADED_BACKENDS else {}
-        self.pipe = Pipeline(path, backend=backend, backend_options=opts, embeddings=embeddings)
+        self.pipe = Pipeline(path, backend=backend, backend_options=opts, embeddings=embeddings, **parse_mode(mode))
         self.backend = self.pipe.backend.describe()
+        self.mode = self.pipe.mode
 
     def generate(self, s: dict, record: bool) -> dict:
         latents = []
@@ -43,7 +46,12 @@ class SdrtSide:
         return {"timings": timings, "image": np.stack(result.images), "latents": np.stack(latents) if record else None}
 
     def component(self, name: str, inputs: dict) -> dict:
-        return self.pipe.sessions[name].run(inputs)
+        """A component's outputs; in this side's mode: the UNet it runs at a full step (the deep one with
+        feature caching), the VAE decoder it decodes with (the tiny one with ``--vae tiny``)."""
+        pipe = self.pipe
+        if name == "vae_decoder":  # unscaled latents in, as diffusers' decoder takes them
+            return {"sample": pipe.vae_decode(inputs["latent_sample"] * np.float32(pipe.model.scaling_factor))}
+        return pipe.sessions[pipe.unet_component if name == "unet" else name].run(inputs)
 
     def gpu_peak_mb(self):
         return None
@@ -222,17 +230,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scratch", required=True)
     ap.add_argument("--embedding", action="append", default=[])
+    ap.add_argument("--mode", default="fp32", help="sdrt's mode (sdrt.runtime.modes), e.g. bf16+cache3+tiny-vae")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         if args.side == "sdrt":
-            side = SdrtSide(args.path, args.backend, args.threads, args.embedding)
+            side = SdrtSide(args.path, args.backend, args.threads, args.embedding, args.mode)
         else:
             side = DiffusersSide(args.path, args.device, args.threads, args.embedding)
     except UserError as e:  # its last stderr line is what `sdrt bench` shows: the message, not the class name
         print(e, file=sys.stderr)
         return e.exit_code
-    hello = {"ready": True, "load_s": time.perf_counter() - t0, "backend": side.backend}
+    hello = {"ready": True, "load_s": time.perf_counter() - t0, "backend": side.backend,
+             "mode": getattr(side, "mode", None)}
     sys.stdout.write(json.dumps(hello) + "\n")
     sys.stdout.flush()
     serve(side, Path(args.scratch))

@@ -96,7 +96,9 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                  opset: int = DEFAULT_OPSET, components: Sequence[str] | str | None = None,
                  allow_pickle: bool = False, progress: bool = True, cpu_variants: bool = True,
                  loras: Sequence = (), vae: str | os.PathLike | None = None, prediction_type: str | None = None,
-                 config_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 config_dir: str | os.PathLike | None = None,
+                 cache_branch: int | None = None, tiny_vae: str | os.PathLike | None = None,
+                 log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
 
     ``model_dir`` is a diffusers folder or a single ``.safetensors`` file in the original layout
@@ -110,6 +112,10 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     ``cpu_variants``: also write the graphs ONNX Runtime's CPU provider runs faster (``model.ort.onnx`` beside
     ``model.onnx``, over the same weights file): the UNet with fused attention, the VAE with GroupNorm as
     LayerNormalization (opset 17 or newer).
+
+    ``cache_branch``: also write the UNet as the pair feature caching runs (``unet_deep``, ``unet_shallow``;
+    sdrt.export.feature_cache), cut at that branch. ``tiny_vae``: an AutoencoderTiny folder (diffusers layout)
+    whose decoder is written beside the full one (``vae_decoder_tiny``).
 
     Everything is written into a hidden directory beside ``engine_dir`` and renamed into place at the end,
     so an export that fails or is killed leaves no half-written engine directory.
@@ -138,6 +144,11 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     else:  # SD1.x or SD2.x: one text encoder; SDXL: two
         available = [c for c in COMPONENTS if c != "text_encoder_2" or single.family == "sdxl"]
     comps = parse_components(components, available)
+    if cache_branch is not None and ("unet" not in comps or isinstance(cache_branch, bool)
+                                     or not isinstance(cache_branch, int) or cache_branch < 0):
+        raise UserError(f"--cache-branch {cache_branch!r}: must be an integer >= 0, and the UNet must be exported")
+    if tiny_vae is not None and "vae_decoder" not in comps:
+        raise UserError(f"--tiny-vae {str(tiny_vae)!r}: export the vae_decoder too (the tiny one goes beside it)")
     lora_files = load_loras(loras)
     check_components(lora_files, [c for c in comps if c in LORA_COMPONENTS], "this export")
     _require_torch()
@@ -201,16 +212,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                                                 external=comp in LORA_COMPONENTS)
             _set_postfix(bar, comp, "parity")
             parity = check_parity(comp, graph, module, check_inputs, outputs)
-            files = [graph] + ([graph.parent / data_file] if data_file else [])
-            digest, size = sha256_files(files)
-            entries[comp] = {
-                "file": f"{comp}/{graph.name}", "data_file": data_file, "sha256": digest, "size_bytes": size,
-                "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
-                "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
-                "parity": parity, "export_s": round(time.perf_counter() - t0, 2),
-            }
-            if variants:
-                entries[comp]["variants"] = variants
+            entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log)
             if comp == "text_encoder":
                 entries[comp]["token_embedding"] = token_embedding_record(graph, module)
             if comp in LORA_COMPONENTS:
@@ -222,6 +224,15 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             for name, v in variants.items():
                 log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
                     f"({name} variant: {v['file']})")
+            if comp == "unet" and cache_branch is not None:
+                _set_postfix(bar, "unet", f"feature-cache pair at branch {cache_branch}")
+                entries.update(_export_feature_cache(
+                    spec, loaded["unet"], cache_branch, trace_inputs, check_inputs, tmp, opset, cpu_variants, log))
+            if comp == "vae_decoder" and tiny_vae is not None:
+                loaded.clear()
+                gc.collect()
+                entries.update(_export_tiny_vae(tiny_vae, spec, numbers, trace_shape, check_shape, vocab, tmp,
+                                                opset, allow_pickle, log))
         loaded.clear()
         source = {"path": str(model_path if single is not None else ckpt.path.resolve()),
                   "pipeline_class": ckpt.model_index.get("_class_name"),
@@ -233,6 +244,10 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             "model": numbers, **toks, "components": entries, "tools": _tool_versions(opset),
             "engines": {},
         }
+        if cache_branch is not None:
+            from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW
+
+            manifest["feature_cache"] = {"branch": cache_branch, "deep": DEEP, "shallow": SHALLOW, "feature": FEATURE}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _replace_dir(tmp, engine_dir)
     except BaseException:
@@ -241,6 +256,104 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     finally:
         shutil.rmtree(converted, ignore_errors=True)
     return manifest
+
+
+def _entry(comp: str, spec, graph: Path, data_file: str | None, parity: dict, variants: dict, t0: float,
+           log: Callable[[str], None], **extra) -> dict:
+    """A component's manifest entry (files, sha256, IO, parity, variants), logged as one line per graph."""
+    files = [graph] + ([graph.parent / data_file] if data_file else [])
+    digest, size = sha256_files(files)
+    entry = {
+        "file": f"{comp}/{graph.name}", "data_file": data_file, "sha256": digest, "size_bytes": size,
+        "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
+        "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
+        "parity": parity, "export_s": round(time.perf_counter() - t0, 2), **extra,
+    }
+    if variants:
+        entry["variants"] = variants
+    log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
+        f"{size / 1e6:9.1f} MB  {entry['export_s']:.1f} s")
+    for name, v in variants.items():
+        log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
+            f"({name} variant: {v['file']})")
+    return entry
+
+
+def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inputs, out: Path, opset: int,
+                          cpu_variants: bool, log: Callable[[str], None]) -> dict:
+    """``unet_deep`` and ``unet_shallow`` (sdrt.export.feature_cache), each checked against PyTorch like the
+    UNet; the shallow one on the feature the deep PyTorch module computed from the same inputs."""
+    import torch
+
+    from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW, DeepUNetGraph, ShallowUNetGraph, branch_count
+    from sdrt.export.graphs import GraphSpec, export_graph
+    from sdrt.export.parity import check_parity
+    from sdrt.export.rewrites import split_geglu
+
+    if branch >= branch_count(unet):
+        raise UserError(f"--cache-branch {branch}: this UNet has branches 0 to {branch_count(unet) - 1}")
+    extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
+    deep = DeepUNetGraph(unet, branch, extra).eval()
+    shallow = ShallowUNetGraph(unet, branch, extra).eval()
+    with torch.no_grad():
+        channels = int(deep(*trace_inputs.values())[1].shape[1])
+    feature = (FEATURE, "float32", ("batch", channels, "feature_height", "feature_width"))
+    specs = {DEEP: GraphSpec(DEEP, lambda m: deep, unet_spec.inputs, unet_spec.outputs + (feature,)),
+             SHALLOW: GraphSpec(SHALLOW, lambda m: shallow, unet_spec.inputs + (feature,), unet_spec.outputs)}
+    entries = {}
+    with split_geglu(unet):
+        for comp, module in ((DEEP, deep), (SHALLOW, shallow)):
+            t0 = time.perf_counter()
+            spec = specs[comp]
+            trace, check = dict(trace_inputs), dict(check_inputs)
+            if comp == SHALLOW:
+                with torch.no_grad():
+                    trace[FEATURE] = deep(*trace_inputs.values())[1]
+                    check[FEATURE] = deep(*check_inputs.values())[1]
+            names = [n for n, _, _ in spec.outputs]
+            if cpu_variants:
+                graph, data_file, variants = _export_unet_variants(
+                    spec, module, unet, trace, out / comp, opset, check, names, comp)
+            else:
+                (graph, data_file), variants = export_graph(spec, module, trace, out / comp, opset), {}
+            parity = check_parity(comp, graph, module, check, names)
+            entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log, branch=branch)
+    return entries
+
+
+def _export_tiny_vae(folder, vae_spec, numbers: dict, trace_shape, check_shape, vocab: int, out: Path,
+                     opset: int, allow_pickle: bool, log: Callable[[str], None]) -> dict:
+    """``vae_decoder_tiny``: an AutoencoderTiny's decoder (latent_sample -> sample in [-1, 1]), checked against
+    PyTorch; its own scaling and shift factors go into its entry (the runtime divides by them)."""
+    from diffusers import AutoencoderTiny
+
+    from sdrt.export.graphs import VaeDecoderGraph, example_inputs, export_graph
+    from sdrt.export.parity import check_parity
+    from sdrt.runtime.manifest import TINY_VAE
+
+    t0 = time.perf_counter()
+    path = Path(folder)
+    try:
+        tiny = AutoencoderTiny.from_pretrained(path, use_safetensors=None if allow_pickle else True).eval()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UserError(f"--tiny-vae {str(folder)!r}: not an AutoencoderTiny folder ({str(e).splitlines()[0]})") from None
+    cfg = tiny.config
+    factor = cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1)
+    if cfg.latent_channels != numbers["latent_channels"] or factor != numbers["vae_scale_factor"] \
+            or cfg.out_channels != numbers["image_channels"]:
+        raise UserError(
+            f"--tiny-vae {str(folder)!r}: it decodes {cfg.latent_channels} latent channels x{factor} to "
+            f"{cfg.out_channels} channels; this model needs {numbers['latent_channels']} x{numbers['vae_scale_factor']} "
+            f"to {numbers['image_channels']}")
+    module = VaeDecoderGraph(tiny).eval()
+    trace = example_inputs(vae_spec, numbers, *trace_shape, vocab, seed=0)
+    check = example_inputs(vae_spec, numbers, *check_shape, vocab, seed=1)
+    graph, data_file = export_graph(vae_spec, module, trace, out / TINY_VAE, opset)
+    parity = check_parity(TINY_VAE, graph, module, check, [n for n, _, _ in vae_spec.outputs])
+    entry = _entry(TINY_VAE, vae_spec, graph, data_file, parity, {}, t0, log,
+                   scaling_factor=float(cfg.scaling_factor), shift_factor=float(cfg.shift_factor or 0.0),
+                   source=str(path.resolve()))
+    return {TINY_VAE: entry}
 
 
 def token_embedding_record(graph: Path, module) -> dict:
@@ -289,7 +402,8 @@ def _write_weight_map(model, graph: Path, variants: list[Path], unused: set[str]
     return {"file": f"{graph.parent.name}/{WEIGHT_MAP_FILE}", "sha256": sha256_files([path])[0], **summary(record)}
 
 
-def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs,
+                          comp: str = "unet"):
     """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
     MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
     standard ops (TensorRT, OpenVINO, other providers). Both are checked against PyTorch."""
@@ -312,8 +426,8 @@ def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset
     plain = out_dir / "model.onnx"
     onnx.save_model(model, str(plain))
     del model
-    parity = check_parity("unet (fused attention)", fused, module, check_inputs, outputs)
-    return plain, data_file, {"cpu": _variant_entry("unet", fused, data_file, parity,
+    parity = check_parity(f"{comp} (fused attention)", fused, module, check_inputs, outputs)
+    return plain, data_file, {"cpu": _variant_entry(comp, fused, data_file, parity,
                                                     attention="com.microsoft.MultiHeadAttention")}
 
 

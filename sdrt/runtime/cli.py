@@ -37,8 +37,8 @@ def _cmd_generate(args) -> int:
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UserError(f"{target!r}: cannot write into {str(parent)!r}")
-    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding,
-                    loras=args.lora)
+    pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding, loras=args.lora,
+                    **mode_options(args))
     # with --init-image, --height/--width resize the image (as load_init_image does), which then sets the size
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
@@ -54,7 +54,7 @@ def _cmd_generate(args) -> int:
         bar.total = step.total
         bar.update(1)
         if args.preview and (step.index % every == 0 or step.index == step.total - 1):
-            frames.append(pipe.decode_latents(step.latents[:1])[0])
+            frames.append(pipe.decode_preview(step.latents[:1])[0])
 
     result = pipe.run(req, callback=on_step)
     bar.close()
@@ -83,8 +83,32 @@ def _cmd_generate(args) -> int:
     unet = t["unet_step_ms"]  # one entry per UNet evaluation
     print(f"seed {req.seed}; {steps_phrase(req.steps, len(unet))}: text encoder {t['text_encoder_ms']:.0f} ms, "
           f"UNet {sum(unet) / 1e3:.2f} s ({sum(unet) / len(unet):.0f} ms per UNet evaluation), "
-          f"VAE decode {t['vae_decode_ms']:.0f} ms, total {t['total_s']:.2f} s", file=sys.stderr)
+          f"VAE decode {t['vae_decode_ms']:.0f} ms, total {t['total_s']:.2f} s; mode {pipe.mode}",
+          file=sys.stderr)
     return 0
+
+
+def mode_options(args) -> dict:
+    """Pipeline's mode arguments from the options add_mode_options adds."""
+    return {"precision": args.precision, "cache_interval": args.cache_interval, "vae": args.vae}
+
+
+def add_mode_options(p, serve: bool = False) -> None:
+    """--precision, --cache-interval, --vae: the same names in generate, bench and serve."""
+    from sdrt.runtime.pipeline import VAES
+    from sdrt.runtime.precision import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default; exact parity) or bf16: the UNet and text encoder in bf16 on the openvino "
+                        "backend, VAE fp32; needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), refused elsewhere")
+    if not serve:
+        p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                       help="feature caching across steps: the full UNet every N UNet evaluations, the shallow UNet on "
+                            "its cached deep feature between (needs `sdrt export --cache-branch`; default off). "
+                            "Quality cost per N: README")
+    p.add_argument("--vae", default="full", choices=VAES,
+                   help="decoder of the final images: full (default) or tiny (the AutoencoderTiny decoder from "
+                        "`sdrt export --tiny-vae`). Previews use the tiny one whenever the engine has it")
 
 
 def add_generate(sub) -> None:
@@ -130,6 +154,8 @@ def add_generate(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
                         "repeatable; no re-export")
-    p.add_argument("--preview", default=None, metavar="OUT.gif", help="also write the latents decoded every few steps")
+    add_mode_options(p)
+    p.add_argument("--preview", default=None, metavar="OUT.gif",
+                   help="also write the latents decoded every few steps (with the tiny VAE decoder when the engine has one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)

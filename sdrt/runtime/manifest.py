@@ -55,7 +55,17 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
                                   "unused": int}}
                                                            # text_encoder, unet: where each Linear/Conv2d weight
                                                            # went (sdrt.export.weight_map), for run-time LoRAs
+        # optional components:
+        "unet_deep": {..., "branch": int},     # `sdrt export --cache-branch B`: the UNet, also returning the
+                                               # hidden state entering up-path layer B (output deep_feature)
+        "unet_shallow": {..., "branch": int},  # the UNet's inputs + deep_feature -> out_sample, computing only
+                                               # the layers around skip connections 0..B (sdrt.export.feature_cache)
+        "vae_decoder_tiny": {..., "scaling_factor": float, "shift_factor": float, "source": str}
+                                               # `sdrt export --tiny-vae DIR`: an AutoencoderTiny's decoder; the
+                                               # runtime decodes latents / scaling_factor + shift_factor (its own)
       },
+      "feature_cache": {"branch": int, "deep": "unet_deep", "shallow": "unet_shallow",
+                        "feature": "deep_feature"},   # present when the pair was exported
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},
       "engines": { "<component>": [ {"key", "precision", "profiles", "tensorrt_version", ...} ] }  # by `sdrt build`
     }
@@ -77,6 +87,7 @@ MANIFEST_NAME = "sdrt.json"
 FORMAT = "sdrt-engine"
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+TINY_VAE = "vae_decoder_tiny"   # optional: an AutoencoderTiny's decoder (`sdrt export --tiny-vae`)
 REQUIRED_COMPONENTS = ("unet", "vae_decoder")  # and each of the model's text encoders
 VERIFY = ("none", "size", "sha256")  # how Manifest.load checks the files: not at all, sizes, full hashes
 MODEL_KEYS = (

@@ -26,7 +26,8 @@ import numpy as np
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
-from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.manifest import TINY_VAE, Manifest
+from sdrt.runtime.precision import check_precision
 from sdrt.runtime.prompts import PromptReader, PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
@@ -41,6 +42,7 @@ DEFAULT_STRENGTH = 0.8
 MAX_SEED = 2**64 - 1
 DEFAULT_AESTHETIC_SCORE = 6.0           # diffusers' StableDiffusionXLImg2ImgPipeline defaults (the refiner)
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
+VAES = ("full", "tiny")   # which VAE decoder makes the final images (tiny: `sdrt export --tiny-vae`)
 
 logger = logging.getLogger(__name__)
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # the components a LoRA may patch
@@ -256,9 +258,15 @@ class Pipeline:
 
     def __init__(self, engine_dir: str | os.PathLike, backend: str | Backend = "cpu", verify: str = "size",
                  backend_options: dict | None = None, load_encoder: bool = False,
-                 embeddings: Sequence[str | os.PathLike] = (), loras: Sequence = ()):
+                 embeddings: Sequence[str | os.PathLike] = (), loras: Sequence = (), precision: str = "fp32",
+                 cache_interval: int | None = None, vae: str = "full"):
         """``load_encoder``: load the VAE encoder now; otherwise on the first img2img call.
         ``embeddings``: textual-inversion files, ``FILE[:TOKEN]`` (sdrt.runtime.embeddings).
+        ``precision``: "fp32" or "bf16" (sdrt.runtime.precision: the openvino backend, on a CPU with bf16
+        arithmetic). ``cache_interval`` N: feature caching across steps, a full UNet evaluation every N and the
+        shallow UNet on the cached deep feature between (needs the pair, `sdrt export --cache-branch`); None:
+        the plain UNet. ``vae``: "full" or "tiny" (the AutoencoderTiny decoder, `sdrt export --tiny-vae`),
+        for the final images; previews use the tiny one whenever the engine has it.
 
         ``loras``: LoRA files applied at load, each ``"FILE[:SCALE]"`` or ``(file, scale)``: their deltas are
         added to the exported weights in numpy and the sessions load with those (sdrt.runtime.lora); nothing
@@ -266,9 +274,28 @@ class Pipeline:
         """
         if backend_options is not None and not isinstance(backend_options, dict):
             raise UserError(f"backend_options {_shown(backend_options)}: must be a dict of the backend's options")
+        if vae not in VAES:
+            raise UserError(f"vae {_shown(vae)}: choose one of {', '.join(VAES)}")
+        if cache_interval is not None:
+            cache_interval = _integer("cache_interval", cache_interval, 1)
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
+        self.precision = check_precision(precision, backend if isinstance(backend, str) else backend.name)
+        if isinstance(backend, str):
+            if self.precision != "fp32":
+                backend_options = {**(backend_options or {}), "precision": self.precision}
+        elif getattr(backend, "precision", "fp32") != self.precision:
+            raise UserError(f"precision {precision!r}: the given backend runs {getattr(backend, 'precision', 'fp32')}")
+        self.cache_interval = cache_interval
+        self.feature_cache = self.manifest.data.get("feature_cache") if cache_interval is not None else None
+        if cache_interval is not None and not self.feature_cache:
+            raise UserError(f"cache_interval {cache_interval}: {self.engine_dir} has no feature-caching pair; "
+                            "re-export with `sdrt export --cache-branch B`")
+        if vae == "tiny" and not self.manifest.has(TINY_VAE):
+            raise UserError(f"vae 'tiny': {self.engine_dir} has no tiny VAE decoder; re-export with "
+                            "`sdrt export --tiny-vae DIR`")
+        self.vae = vae
         self.backend = get_backend(backend, **(backend_options or {}))
         if self.model.xl:  # each encoder with its own tokenizer (their pad tokens differ)
             self.tokenizers = {e["component"]: CLIPTokenizer.from_dir(
@@ -294,7 +321,14 @@ class Pipeline:
         self._encoder_lock = threading.Lock()
         self.loras = load_loras(loras)
         check_components(self.loras, [c for c in LORA_COMPONENTS if self.manifest.has(c)], str(self.engine_dir))
-        wanted = [*self.model.text_encoder_components, "unet", "vae_decoder"]
+        if self.loras and self.feature_cache and any("unet" in lora.components for lora, _ in self.loras):
+            raise UserError("--lora with --cache-interval: run-time LoRAs do not reach the feature-caching UNet pair "
+                            "yet; fuse the LoRA at export (sdrt export --lora FILE --cache-branch B)")
+        unets = [self.feature_cache["deep"], self.feature_cache["shallow"]] if self.feature_cache else ["unet"]
+        self.unet_component = unets[0]   # the one whose inputs say what the UNet takes
+        wanted = [*self.model.text_encoder_components, *unets, TINY_VAE if vae == "tiny" else "vae_decoder"]
+        if vae != "tiny" and self.manifest.has(TINY_VAE):
+            wanted.append(TINY_VAE)  # for previews
         if load_encoder and self.manifest.has("vae_encoder"):
             wanted.append("vae_encoder")
         try:
@@ -330,7 +364,7 @@ class Pipeline:
 
     def _chunk_limit(self) -> tuple[int | None, str]:
         """How many prompt chunks the UNet takes (None: any number), and why no more."""
-        unet = self.sessions["unet"]
+        unet = self.sessions[self.unet_component]
         length = self.model.text_max_length
         tokens = unet.dim_limit("encoder_hidden_states", 1)
         if tokens is None:
@@ -513,19 +547,41 @@ class Pipeline:
         shift = self.model.shift_factor or 0.0
         return ((sample - shift) * self.model.scaling_factor).astype(np.float32)
 
-    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents -> the VAE's float output [n, C, H, W] in about [-1, 1], unchecked."""
-        shift = self.model.shift_factor or 0.0
-        z = (latents / self.model.scaling_factor + shift).astype(np.float32)
-        return self.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+    @property
+    def mode(self) -> str:
+        """This pipeline's mode in one word (sdrt.runtime.modes): e.g. ``fp32``, ``bf16+cache3+tiny-vae``."""
+        from sdrt.runtime.modes import mode_name
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        return mode_name(self.precision, self.cache_interval, self.vae)
+
+    @property
+    def vae_component(self) -> str:
+        """The decoder the final images come from: vae_decoder, or vae_decoder_tiny with ``vae="tiny"``."""
+        return TINY_VAE if self.vae == "tiny" else "vae_decoder"
+
+    def vae_decode(self, latents: np.ndarray, component: str | None = None) -> np.ndarray:
+        """Scaled latents -> the VAE's float output [n, C, H, W] in about [-1, 1], unchecked; each decoder
+        with its own scaling and shift factors (the tiny VAE's are in its manifest entry)."""
+        component = component or self.vae_component
+        numbers = self.manifest.component(component) if component == TINY_VAE else {}
+        scaling = numbers.get("scaling_factor", self.model.scaling_factor)
+        shift = numbers.get("shift_factor", self.model.shift_factor) or 0.0
+        z = (latents / scaling + shift).astype(np.float32)
+        return self.sessions[component].run({"latent_sample": z})["sample"]
+
+    def decode_latents(self, latents: np.ndarray, component: str | None = None) -> np.ndarray:
         """Scaled latents -> images [n, H, W, 3] uint8."""
         from sdrt.runtime.images import decode_to_uint8
 
-        sample = self.vae_decode(latents)
-        _check_finite("vae_decoder", sample)
+        component = component or self.vae_component
+        sample = self.vae_decode(latents, component)
+        _check_finite(component, sample)
         return decode_to_uint8(sample)
+
+    def decode_preview(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents -> preview images [n, H, W, 3] uint8: with the tiny VAE decoder when the engine has
+        one (a fraction of the full decoder's cost), else the full one."""
+        return self.decode_latents(latents, TINY_VAE if TINY_VAE in self.sessions else None)
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def start(self, req: Request, texts: np.ndarray | PromptEmbeddings | None = None,
@@ -582,14 +638,26 @@ class Pipeline:
         """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
         timings = {} if timings is None else timings
         loop = self.start(req, timings=timings)
-        unet = self.sessions["unet"]
         step_ms = timings.setdefault("unet_step_ms", [])
+        feature: list = [None]   # the deep feature of the last full evaluation (feature caching)
         while not loop.done:
             t0 = time.perf_counter()
-            out = unet.run(loop.unet_inputs())["out_sample"]
-            step = loop.advance(out)
+            step = loop.advance(self._unet(loop, feature))
             step_ms.append((time.perf_counter() - t0) * 1e3)
             yield step
+
+    def _unet(self, loop: Denoising, feature: list) -> np.ndarray:
+        """One UNet evaluation of ``loop``: the plain UNet; or, with feature caching, the deep UNet every
+        ``cache_interval`` evaluations (keeping its feature in ``feature[0]``) and the shallow one between."""
+        inputs = loop.unet_inputs()
+        fc = self.feature_cache
+        if fc is None:
+            return self.sessions["unet"].run(inputs)["out_sample"]
+        if loop.completed % self.cache_interval == 0:
+            out = self.sessions[fc["deep"]].run(inputs)
+            feature[0] = out[fc["feature"]]
+            return out["out_sample"]
+        return self.sessions[fc["shallow"]].run({**inputs, fc["feature"]: feature[0]})["out_sample"]
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  callback: Callable[[Step], None] | None = None, **settings) -> Result:

@@ -38,7 +38,8 @@ def _cmd_serve(args) -> int:
                          max_queue=args.max_queue, timeout=args.timeout, backend=args.backend,
                          api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
                          max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
-                         embeddings=args.embedding, loras=list(args.lora))
+                         embeddings=args.embedding, loras=list(args.lora),
+                         precision=args.precision, vae=args.vae)
     if args.ray:
         from sdrt.serve.ray_deployment import parse_autoscale, serve_ray
 
@@ -49,6 +50,7 @@ def _cmd_serve(args) -> int:
 
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS, DEFAULT_BACKEND
+    from sdrt.runtime.cli import add_mode_options
 
     p = sub.add_parser(
         "serve", help="serve an engine directory over HTTP, batching the UNet steps of concurrent requests",
@@ -85,6 +87,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
                         "repeatable; no re-export")
+    add_mode_options(p, serve=True)
     p.add_argument("--no-warmup", action="store_true",
                    help="ready without the warm-up step (the first request then pays for it)")
     ray = p.add_argument_group("Ray Serve (--ray)")

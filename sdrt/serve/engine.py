@@ -241,6 +241,9 @@ class Engine:
             raise UserError(f"timeout {timeout}: must be > 0 seconds")
         if max_batch < 1:
             raise UserError(f"max_batch {max_batch}: must be >= 1")
+        if getattr(pipeline, "cache_interval", None) is not None:
+            raise UserError(f"cache_interval {pipeline.cache_interval}: the serving engine batches the plain UNet; "
+                            "feature caching runs in Pipeline.generate and `sdrt generate` only")
         self.pipeline = pipeline
         self.scheduler = StepScheduler(max_batch=max_batch, decode_batch=decode_batch or max(1, min(4, max_batch)))
         self.max_queue = max_queue
@@ -527,7 +530,7 @@ class Engine:
             self.observer.first_step(now - job.created)
         job._emit({"event": "step", "id": job.id, "step": step.index + 1, "total": step.total})
         if job.preview_every and (step.index + 1) % job.preview_every == 0 and step.index + 1 < step.total:
-            png = encode_png(self.pipeline.decode_latents(step.latents[:1])[0])
+            png = encode_png(self.pipeline.decode_preview(step.latents[:1])[0])
             job._emit({"event": "preview", "id": job.id, "step": step.index + 1,
                        "image": base64.b64encode(png).decode("ascii")})
         if job.loop.done:

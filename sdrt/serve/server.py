@@ -36,6 +36,8 @@ class ServeConfig:
     max_pixels: int | None = None
     warmup: bool = True
     embeddings: list = field(default_factory=list)   # textual-inversion files, FILE[:TOKEN]
+    precision: str = "fp32"                           # fp32 | bf16 (sdrt.runtime.precision)
+    vae: str = "full"                                 # the final images' decoder: full | tiny
     backend_options: dict = field(default_factory=dict)
     loras: list = field(default_factory=list)   # LoRAs applied at load: "FILE[:SCALE]" or (file, scale) each
 
@@ -54,7 +56,8 @@ def build_engine(config: ServeConfig):
     from sdrt.serve.engine import Engine, Limits
 
     pipeline = Pipeline(config.engine_dir, backend=config.backend, backend_options=config.backend_options or None,
-                        embeddings=config.embeddings, loras=config.loras)
+                        embeddings=config.embeddings, loras=config.loras, precision=config.precision,
+                        vae=config.vae)
     try:
         engine = Engine(pipeline, max_batch=config.max_batch, max_queue=config.max_queue, timeout=config.timeout,
                         limits=Limits(max_pixels=config.max_pixels, max_steps=config.max_steps,

@@ -15,7 +15,7 @@ BACKENDS = {
     "cpu": "ONNX Runtime, CPU provider (default; works everywhere)",
     "ort-cuda": "ONNX Runtime, CUDA provider (needs onnxruntime-gpu)",
     "ort-tensorrt": "ONNX Runtime, TensorRT provider (needs onnxruntime-gpu and TensorRT)",
-    "openvino": "OpenVINO on the same ONNX files, CPU, f32 (needs the openvino extra)",
+    "openvino": "OpenVINO on the same ONNX files, CPU, f32 (bf16 with --precision bf16 where the CPU has it; needs the openvino extra)",
     "tensorrt": "native TensorRT plans from `sdrt build` through CUDA buffers (needs the gpu extra)",
 }
 DEFAULT_BACKEND = "cpu"

@@ -1,7 +1,8 @@
 """OpenVINO backend (CPU) on the same ONNX files: an optional alternative to ONNX Runtime's CPU provider.
 
-Inference precision is pinned to f32: on CPUs with bf16 or AMX units OpenVINO would otherwise pick a lower
-precision by itself and parity with PyTorch would be lost silently.
+Inference precision is pinned to f32 by default: on CPUs with bf16 or AMX units OpenVINO would otherwise pick
+a lower precision by itself and parity with PyTorch would be lost silently. ``precision="bf16"`` asks for bf16
+(sdrt.runtime.precision: only where the CPU has bf16 arithmetic) for the components in BF16_COMPONENTS.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sdrt.errors import MissingDependencyError, UserError
 from sdrt.runtime.backends.base import Backend, Session, TensorSpec
 from sdrt.runtime.backends.onnxruntime import available_cores
 from sdrt.runtime.onnx_weights import check_overrides
+from sdrt.runtime.precision import BF16_COMPONENTS, check_precision
 
 
 class OpenVinoSession(Session):
@@ -45,13 +47,16 @@ class OpenVinoSession(Session):
 class OpenVinoBackend(Backend):
     name = "openvino"
 
-    def __init__(self, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, threads: int | None = None, device: str = "CPU", precision: str = "fp32"):
         self.threads = threads or available_cores()
         self.device = device
+        self.precision = check_precision(precision, self.name)
 
-    def compile_config(self) -> dict:
-        """OpenVINO's compile properties for every component (the benchmarks use them too): f32, latency."""
-        return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
+    def compile_config(self, component: str | None = None) -> dict:
+        """OpenVINO's compile properties (the benchmarks use them too): latency; f32, or bf16 for the
+        components bf16 applies to when the backend runs bf16."""
+        hint = "bf16" if self.precision == "bf16" and component in BF16_COMPONENTS else "f32"
+        return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
 
     def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> OpenVinoSession:
         try:
@@ -61,12 +66,14 @@ class OpenVinoBackend(Backend):
         entry = manifest.component(component)
         path = Path(manifest.engine_dir) / entry["file"]
         core = ov.Core()
+        if self.precision == "bf16" and "BF16" not in core.get_property(self.device, "OPTIMIZATION_CAPABILITIES"):
+            raise UserError(f"precision 'bf16': OpenVINO's {self.device} device lists no BF16 capability on this machine")
         try:
             model = core.read_model(str(path))
             if initializers:
                 check_overrides(component, path, initializers)
                 _replace_constants(model, initializers)
-            compiled = core.compile_model(model, self.device, self.compile_config())
+            compiled = core.compile_model(model, self.device, self.compile_config(component))
         except RuntimeError as e:
             raise UserError(f"component {component!r}: OpenVINO could not load {path} ({str(e).splitlines()[0]})") from None
         inputs = tuple(TensorSpec.from_dict(d) for d in entry["inputs"])
@@ -74,7 +81,8 @@ class OpenVinoBackend(Backend):
         return OpenVinoSession(component, compiled, inputs, outputs)
 
     def describe(self) -> str:
-        return f"openvino {self.device} f32 ({self.threads} threads)"
+        what = "bf16 (VAE f32)" if self.precision == "bf16" else "f32"
+        return f"openvino {self.device} {what} ({self.threads} threads)"
 
 
 def _replace_constants(model, values: Mapping[str, np.ndarray]) -> None:
