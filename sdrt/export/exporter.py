@@ -152,6 +152,14 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     lora_files = load_loras(loras)
     check_components(lora_files, [c for c in comps if c in LORA_COMPONENTS], "this export")
     _require_torch()
+    if cache_branch is not None:
+        from sdrt.export.feature_cache import branch_count_from_config
+
+        count = branch_count_from_config(ckpt.unet_config)
+        if cache_branch >= count:
+            raise UserError(f"--cache-branch {cache_branch}: this UNet has branches 0 to {count - 1}")
+    if tiny_vae is not None:
+        _check_tiny_vae(tiny_vae, ckpt.vae_config)
 
     import torch
 
@@ -285,13 +293,11 @@ def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inpu
     UNet; the shallow one on the feature the deep PyTorch module computed from the same inputs."""
     import torch
 
-    from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW, DeepUNetGraph, ShallowUNetGraph, branch_count
+    from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW, DeepUNetGraph, ShallowUNetGraph
     from sdrt.export.graphs import GraphSpec, export_graph
     from sdrt.export.parity import check_parity
     from sdrt.export.rewrites import split_geglu
 
-    if branch >= branch_count(unet):
-        raise UserError(f"--cache-branch {branch}: this UNet has branches 0 to {branch_count(unet) - 1}")
     extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
     deep = DeepUNetGraph(unet, branch, extra).eval()
     shallow = ShallowUNetGraph(unet, branch, extra).eval()
@@ -336,15 +342,8 @@ def _export_tiny_vae(folder, vae_spec, numbers: dict, trace_shape, check_shape, 
     try:
         tiny = AutoencoderTiny.from_pretrained(path, use_safetensors=None if allow_pickle else True).eval()
     except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(f"--tiny-vae {str(folder)!r}: not an AutoencoderTiny folder ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--tiny-vae {str(folder)!r}: could not load its weights ({str(e).splitlines()[0]})") from None
     cfg = tiny.config
-    factor = cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1)
-    if cfg.latent_channels != numbers["latent_channels"] or factor != numbers["vae_scale_factor"] \
-            or cfg.out_channels != numbers["image_channels"]:
-        raise UserError(
-            f"--tiny-vae {str(folder)!r}: it decodes {cfg.latent_channels} latent channels x{factor} to "
-            f"{cfg.out_channels} channels; this model needs {numbers['latent_channels']} x{numbers['vae_scale_factor']} "
-            f"to {numbers['image_channels']}")
     module = VaeDecoderGraph(tiny).eval()
     trace = example_inputs(vae_spec, numbers, *trace_shape, vocab, seed=0)
     check = example_inputs(vae_spec, numbers, *check_shape, vocab, seed=1)
@@ -354,6 +353,25 @@ def _export_tiny_vae(folder, vae_spec, numbers: dict, trace_shape, check_shape, 
                    scaling_factor=float(cfg.scaling_factor), shift_factor=float(cfg.shift_factor or 0.0),
                    source=str(path.resolve()))
     return {TINY_VAE: entry}
+
+
+def _check_tiny_vae(folder, vae_config: dict) -> None:
+    """An AutoencoderTiny folder whose decoder fits the model: latent channels, scale factor, image channels."""
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tiny-vae {str(folder)!r}: not a diffusers model folder ({e})") from None
+    if cfg.get("_class_name") != "AutoencoderTiny":
+        raise UserError(f"--tiny-vae {str(folder)!r}: its config names {cfg.get('_class_name')!r}; expected AutoencoderTiny")
+    got = (cfg.get("latent_channels", 4),
+           cfg.get("upsampling_scaling_factor", 2) ** (len(cfg.get("decoder_block_out_channels", [64] * 4)) - 1),
+           cfg.get("out_channels", 3))
+    want = (vae_config.get("latent_channels", 4), 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1),
+            vae_config.get("out_channels", 3))
+    if got != want:
+        raise UserError(f"--tiny-vae {str(folder)!r}: it decodes {got[0]} latent channels x{got[1]} to {got[2]} "
+                        f"channels; this model needs {want[0]} x{want[1]} to {want[2]}")
 
 
 def token_embedding_record(graph: Path, module) -> dict:

@@ -57,6 +57,15 @@ def branch_count(unet) -> int:
     return 1 + len(_producers(unet))
 
 
+def branch_count_from_config(config: dict) -> int:
+    """:func:`branch_count` from the UNet's config.json alone: conv_in, each down block's layers, and a
+    downsampler after every down block but the last (UNet2DConditionModel's layout)."""
+    blocks = len(config["down_block_types"])
+    layers = config.get("layers_per_block", 2)
+    layers = [layers] * blocks if isinstance(layers, int) else list(layers)
+    return 1 + sum(layers) + blocks - 1
+
+
 class _CachedUNet(torch.nn.Module):
     """What both graphs share: the embeddings (as UNet2DConditionModel.forward computes them), the producers
     up to the branch, the consumers from it, and the output head."""

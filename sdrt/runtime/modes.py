@@ -9,6 +9,9 @@ from sdrt.errors import UserError
 from sdrt.runtime.precision import PRECISIONS
 
 _CACHE = re.compile(r"cache(\d+)")
+# Feature caching beyond this interval cost more than 5 points of the shapes model's accuracy against fp32
+# (benchmarks/quality.py, RESULTS.md "CPU fast modes"): it runs, but with a warning, not as an offered mode.
+OFFERED_CACHE_INTERVAL = 2
 
 
 def mode_name(precision: str = "fp32", cache_interval: int | None = None, vae: str = "full") -> str:

@@ -17,16 +17,18 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from sdrt.errors import StageError, UserError
+from sdrt.errors import SdrtWarning, StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import TINY_VAE, Manifest
+from sdrt.runtime.modes import OFFERED_CACHE_INTERVAL
 from sdrt.runtime.precision import check_precision
 from sdrt.runtime.prompts import PromptReader, PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
@@ -288,6 +290,10 @@ class Pipeline:
         elif getattr(backend, "precision", "fp32") != self.precision:
             raise UserError(f"precision {precision!r}: the given backend runs {getattr(backend, 'precision', 'fp32')}")
         self.cache_interval = cache_interval
+        if cache_interval is not None and cache_interval > OFFERED_CACHE_INTERVAL:
+            warnings.warn(f"cache_interval {cache_interval}: intervals above {OFFERED_CACHE_INTERVAL} cost more than 5 "
+                          "points of accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); "
+                          "check the pictures", SdrtWarning, stacklevel=2)
         self.feature_cache = self.manifest.data.get("feature_cache") if cache_interval is not None else None
         if cache_interval is not None and not self.feature_cache:
             raise UserError(f"cache_interval {cache_interval}: {self.engine_dir} has no feature-caching pair; "

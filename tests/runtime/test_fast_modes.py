@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrt.errors import UserError
+from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.precision import bf16_missing, check_precision
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -110,7 +110,8 @@ def test_the_shallow_unet_on_a_fresh_feature_equals_the_deep_unet(engine, plain)
 def test_cache_interval_3_alternates_and_costs_some_accuracy(engine, plain):
     from sdrt.runtime import Pipeline
 
-    cached = Pipeline(engine, cache_interval=3)
+    with pytest.warns(SdrtWarning, match="cache_interval 3: intervals above 2 cost more than 5 points"):
+        cached = Pipeline(engine, cache_interval=3)
     calls: list = []
     _counting(cached, "unet_deep", calls)
     _counting(cached, "unet_shallow", calls)
