@@ -54,12 +54,15 @@ def engines(base: Path, extra: list[Path], tag: str) -> dict[str, Path]:
             "bf16-vae": merge(BUILD / f"{tag}-bf16-vae", [base, *extra], bf16=("vae_decoder",))}
 
 
-def run_modes(dirs: dict, prompts_by_run: list[tuple[list[str], int]], settings: dict) -> dict:
-    """Every RUNS entry over the same (prompts, seed) batches: per-step latents, final images by both decoders."""
+def run_modes(dirs: dict, prompts_by_run: list[tuple[list[str], int]], settings: dict, only=None) -> dict:
+    """Every RUNS entry (or those ``only`` names) over the same (prompts, seed) batches: per-step latents, final
+    images by both decoders."""
     from sdrt.runtime import Pipeline
 
     out = {}
     for precision, cache in RUNS:
+        if only and mode_label(precision, cache, "full") not in only and (precision, cache) != ("fp32", None):
+            continue
         pipe = Pipeline(dirs[precision], cache_interval=cache, verify="none")
         lat, full, tiny, secs = [], [], [], 0.0
         for prompts, seed in prompts_by_run:
@@ -156,7 +159,7 @@ def cmd_shapes(args) -> dict:
     dirs = engines(engine, [], f"shapes-b{args.branch}")
     prompts = all_prompts()
     settings = dict(steps=args.steps, guidance=args.guidance)
-    runs = run_modes(dirs, [(prompts, s) for s in args.seeds], settings)
+    runs = run_modes(dirs, [(prompts, s) for s in args.seeds], settings, args.runs)
 
     def scorer(ps, images):
         d = score_details(ps, images)
@@ -176,7 +179,7 @@ def cmd_sd15(args) -> dict:
     dirs = engines(SD15_ENGINE, [ROOT / "build" / "sd15-pair", ROOT / "build" / "sd15-tiny"], "sd15")
     settings = dict(steps=args.steps, guidance=args.guidance, height=args.size, width=args.size)
     batches = [([p], s) for p, s in zip(args.prompts, args.seeds)]
-    rows = compare(run_modes(dirs, batches, settings))
+    rows = compare(run_modes(dirs, batches, settings, args.runs))
     return {"model": "SD1.5 architecture, random weights", "settings": settings, "prompts": args.prompts,
             "seeds": args.seeds, "modes": rows,
             "components": components(dirs, args.prompts[0], settings, args.seeds[0])}
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
             p.add_argument("--prompts", nargs="+", default=["a photograph of an astronaut riding a horse",
                                                             "a red fox in a snowy forest at dawn"])
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        p.add_argument("--runs", nargs="+", default=None, metavar="MODE",
+                       help="only these denoising runs (fp32 always): " + ", ".join(mode_label(p_, c, "full")
+                                                                                   for p_, c in RUNS))
         if name == "shapes":
             p.add_argument("--branch", type=int, default=0)
             p.add_argument("--tiny-vae", default=str(ROOT / "models" / "shapes-32-tiny-vae"))

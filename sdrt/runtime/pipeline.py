@@ -283,14 +283,14 @@ class Pipeline:
         elif getattr(backend, "precision", "fp32") != self.precision:
             raise UserError(f"precision {precision!r}: the given backend runs {getattr(backend, 'precision', 'fp32')}")
         self.cache_interval = cache_interval
-        if cache_interval is not None and cache_interval > OFFERED_CACHE_INTERVAL:
-            warnings.warn(f"cache_interval {cache_interval}: intervals above {OFFERED_CACHE_INTERVAL} cost more than 5 "
-                          "points of accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); "
-                          "check the pictures", SdrtWarning, stacklevel=2)
         self.feature_cache = self.manifest.data.get("feature_cache") if cache_interval is not None else None
         if cache_interval is not None and not self.feature_cache:
             raise UserError(f"cache_interval {cache_interval}: {self.engine_dir} has no feature-caching pair; "
                             "re-export with `sdrt export --cache-branch B`")
+        if cache_interval is not None and cache_interval > OFFERED_CACHE_INTERVAL:
+            warnings.warn(f"cache_interval {cache_interval}: intervals above {OFFERED_CACHE_INTERVAL} cost more than 5 "
+                          "points of accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); "
+                          "check the pictures", SdrtWarning, stacklevel=2)
         if vae == "tiny" and not self.manifest.has(TINY_VAE):
             raise UserError(f"vae 'tiny': {self.engine_dir} has no tiny VAE decoder; re-export with "
                             "`sdrt export --tiny-vae DIR`")
