@@ -229,7 +229,7 @@ def report(results: Path) -> str:
                 "dB, mean / min | final latent rel L2 | denoise s (this machine, shared) | offered |",
                 "|---|---:|---:|---|---:|---:|---:|---|"]
         for r in shapes["modes"]:
-            out.append(f"| {r['mode']} | {r['accuracy']:.3f} | {r["points_below_fp32"]:.1f} | "
+            out.append(f"| {r['mode']} | {r['accuracy']:.3f} | {r['points_below_fp32']:.1f} | "
                        f"{r['background_accuracy']:.3f} / {r['object_accuracy']:.3f} / {r['shape_accuracy']:.3f} | "
                        f"{_db(r['image_psnr_db_mean'])} / {_db(r['image_psnr_db_min'] if r['image_psnr_db_min'] < 1e9 else None)} | "
                        f"{r['latent_rel_l2_final']:.4f} | {r['denoise_s']:.0f} | {'yes' if r['offered_as_is'] else 'no'} |")
