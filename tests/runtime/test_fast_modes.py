@@ -232,3 +232,18 @@ def test_bench_runs_two_modes_side_by_side_and_names_them(engine):
                                             / runs["sdrt"]["end_to_end_s"]["p50"])
     table = markdown(result)
     assert "| sdrt:fp32+cache2 | fp32+cache2 |" in table and "sdrt:fp32+cache2 / sdrt (p50)" in table
+
+
+def test_openvino_keeps_compiled_models_in_a_cache(engine, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from sdrt.runtime import Pipeline
+    from sdrt.runtime.backends.openvino import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "ov"))
+    first = Pipeline(engine, backend="openvino")
+    blobs = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    assert len(blobs) >= 3  # text encoder, UNet, VAE decoder(s)
+    a = first.generate("a red circle", steps=2, seed=0).images[0]
+    again = Pipeline(engine, backend="openvino")  # loads from the cache: nothing new is written
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == blobs
+    np.testing.assert_array_equal(again.generate("a red circle", steps=2, seed=0).images[0], a)
