@@ -219,6 +219,13 @@ def test_modes_read_back_as_written():
         parse_mode("fp32+cache0")
 
 
+def test_modes_more_than_5_points_below_fp32_warn():
+    from sdrt.runtime.modes import unoffered
+
+    assert unoffered(None, "full") is None and unoffered(2, "full") is None and unoffered(None, "tiny") is None
+    assert "above 2" in unoffered(3, "full") and "with vae 'tiny'" in unoffered(2, "tiny")
+
+
 def test_bench_runs_two_modes_side_by_side_and_names_them(engine):
     from sdrt.bench.report import markdown
     from sdrt.bench.runner import Settings, run_bench
