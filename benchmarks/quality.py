@@ -287,7 +287,8 @@ def main(argv=None) -> int:
             p.add_argument("--size", type=int, default=size)
             p.add_argument("--prompts", nargs="+", default=["a photograph of an astronaut riding a horse",
                                                             "a red fox in a snowy forest at dawn"])
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        # SD1.5 at 25 steps is slow here: one prompt/seed pair unless asked for more
+        p.add_argument("--seeds", type=int, nargs="+", default=[0] if name == "sd15" else [0, 1])
         p.add_argument("--runs", nargs="+", default=None, metavar="MODE",
                        help="only these denoising runs (fp32 always): " + ", ".join(mode_label(p_, c, "full")
                                                                                    for p_, c in RUNS))
