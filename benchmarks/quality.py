@@ -54,12 +54,15 @@ def engines(base: Path, extra: list[Path], tag: str) -> dict[str, Path]:
             "bf16-vae": merge(BUILD / f"{tag}-bf16-vae", [base, *extra], bf16=("vae_decoder",))}
 
 
-def run_modes(dirs: dict, prompts_by_run: list[tuple[list[str], int]], settings: dict) -> dict:
-    """Every RUNS entry over the same (prompts, seed) batches: per-step latents, final images by both decoders."""
+def run_modes(dirs: dict, prompts_by_run: list[tuple[list[str], int]], settings: dict, only=None) -> dict:
+    """Every RUNS entry (or those ``only`` names) over the same (prompts, seed) batches: per-step latents, final
+    images by both decoders."""
     from sdrt.runtime import Pipeline
 
     out = {}
     for precision, cache in RUNS:
+        if only and mode_label(precision, cache, "full") not in only and (precision, cache) != ("fp32", None):
+            continue
         pipe = Pipeline(dirs[precision], cache_interval=cache, verify="none")
         lat, full, tiny, secs = [], [], [], 0.0
         for prompts, seed in prompts_by_run:
@@ -156,7 +159,7 @@ def cmd_shapes(args) -> dict:
     dirs = engines(engine, [], f"shapes-b{args.branch}")
     prompts = all_prompts()
     settings = dict(steps=args.steps, guidance=args.guidance)
-    runs = run_modes(dirs, [(prompts, s) for s in args.seeds], settings)
+    runs = run_modes(dirs, [(prompts, s) for s in args.seeds], settings, args.runs)
 
     def scorer(ps, images):
         d = score_details(ps, images)
@@ -176,7 +179,7 @@ def cmd_sd15(args) -> dict:
     dirs = engines(SD15_ENGINE, [ROOT / "build" / "sd15-pair", ROOT / "build" / "sd15-tiny"], "sd15")
     settings = dict(steps=args.steps, guidance=args.guidance, height=args.size, width=args.size)
     batches = [([p], s) for p, s in zip(args.prompts, args.seeds)]
-    rows = compare(run_modes(dirs, batches, settings))
+    rows = compare(run_modes(dirs, batches, settings, args.runs))
     return {"model": "SD1.5 architecture, random weights", "settings": settings, "prompts": args.prompts,
             "seeds": args.seeds, "modes": rows,
             "components": components(dirs, args.prompts[0], settings, args.seeds[0])}
@@ -210,6 +213,68 @@ def cmd_speed(args) -> dict:
     return {"settings": {"size": args.size, "steps": args.steps, "guidance": args.guidance}, "runs": rows}
 
 
+def _db(x) -> str:
+    return "identical" if x is None else f"{x:.1f}"
+
+
+def report(results: Path) -> str:
+    """RESULTS.md's tables from the JSON files this script wrote into ``results``."""
+    out = []
+    shapes = _load(results / "quality_shapes.json")
+    if shapes:
+        out += [f"models/shapes-32, {shapes['pairs']} prompt/seed pairs (90 prompts x seeds {shapes['seeds']}), "
+                f"{shapes['settings']['steps']} steps, guidance {shapes['settings']['guidance']}, DDIM; caching at "
+                f"branch {shapes['branch']}:", "",
+                "| mode | pictures as asked | points below fp32 | background / object / shape | image PSNR vs fp32 "
+                "dB, mean / min | final latent rel L2 | denoise s (this machine, shared) | offered |",
+                "|---|---:|---:|---|---:|---:|---:|---|"]
+        for r in shapes["modes"]:
+            out.append(f"| {r['mode']} | {r['accuracy']:.3f} | {r['points_below_fp32']:.1f} | "
+                       f"{r['background_accuracy']:.3f} / {r['object_accuracy']:.3f} / {r['shape_accuracy']:.3f} | "
+                       f"{_db(r['image_psnr_db_mean'])} / {_db(r['image_psnr_db_min'] if r['image_psnr_db_min'] < 1e9 else None)} | "
+                       f"{r['latent_rel_l2_final']:.4f} | {r['denoise_s']:.0f} | {'yes' if r['offered_as_is'] else 'no'} |")
+        out += ["", _components(shapes["components"])]
+    sd15 = _load(results / "quality_sd15_256.json")
+    if sd15:
+        st = sd15["settings"]
+        out += ["", f"SD1.5 architecture (random weights), {st['height']}x{st['width']}, {st['steps']} steps (PNDM), "
+                f"guidance {st['guidance']}, {len(sd15['seeds'])} prompt/seed pairs:", "",
+                "| mode | image PSNR vs fp32 dB, mean / min | latent rel L2 after UNet evaluation 1 / middle / last |",
+                "|---|---:|---:|"]
+        for r in sd15["modes"]:
+            e = r["latent_rel_l2_per_step"]
+            out.append(f"| {r['mode']} | {_db(r['image_psnr_db_mean'])} / "
+                       f"{_db(r['image_psnr_db_min'] if r['image_psnr_db_min'] < 1e9 else None)} | "
+                       f"{e[0]:.2e} / {e[len(e) // 2]:.2e} / {e[-1]:.2e} |")
+        out += ["", _components(sd15["components"])]
+    speed = _load(results / "quality_speed_sd15_512.json")
+    if speed:
+        st = speed["settings"]
+        out += ["", f"Speed, SD1.5 architecture, {st['size']}x{st['size']}, {st['steps']} steps with guidance "
+                f"{st['guidance']}, `sdrt generate` in a fresh process per mode (loading included), one run:", "",
+                "| mode | end to end s | vs fp32 | UNet s (all evaluations) | vs fp32 | VAE decode ms |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for r in speed["runs"]:
+            out.append(f"| {r['mode']} | {r['wall_s']:.1f} | {r['wall_ratio_to_fp32']:.3f} | {r['unet_s']:.1f} | "
+                       f"{r['unet_ratio_to_fp32']:.3f} | {r['vae_decode_ms']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def _components(c: dict) -> str:
+    stale = ", ".join(f"{k.split('_')[1]} evaluation{'s' if k.split('_')[1] != '1' else ''} old: mean {v['mean']:.3f}, "
+                      f"max {v['max']:.3f}" for k, v in c["unet_shallow_vs_deep"].items())
+    bf = c["bf16_emulated"]
+    return (f"Per component, relative L2 against fp32 on the same inputs: the shallow UNet on a cached feature "
+            f"against the deep UNet ({stale}); the tiny VAE decoder against the full one "
+            f"{c['vae_decoder_tiny_vs_full']['rel_l2']:.3f}; bf16 (emulated) text encoder {bf['text_encoder']:.2e}, "
+            f"UNet {bf['unet_first_step']:.2e} (first step) / {bf['unet_middle_step']:.2e} (middle), shallow UNet "
+            f"{bf['unet_shallow']:.2e}, VAE decoder {bf['vae_decoder']:.2e}.")
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -222,11 +287,20 @@ def main(argv=None) -> int:
             p.add_argument("--size", type=int, default=size)
             p.add_argument("--prompts", nargs="+", default=["a photograph of an astronaut riding a horse",
                                                             "a red fox in a snowy forest at dawn"])
-        p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+        # SD1.5 at 25 steps is slow here: one prompt/seed pair unless asked for more
+        p.add_argument("--seeds", type=int, nargs="+", default=[0] if name == "sd15" else [0, 1])
+        p.add_argument("--runs", nargs="+", default=None, metavar="MODE",
+                       help="only these denoising runs (fp32 always): " + ", ".join(mode_label(p_, c, "full")
+                                                                                   for p_, c in RUNS))
         if name == "shapes":
             p.add_argument("--branch", type=int, default=0)
             p.add_argument("--tiny-vae", default=str(ROOT / "models" / "shapes-32-tiny-vae"))
+    rep_ = sub.add_parser("report", help="print RESULTS.md's tables from the JSON files")
+    rep_.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.what == "report":
+        print(report(Path(args.results)), end="")
+        return 0
     BUILD.mkdir(parents=True, exist_ok=True)
     result = {"shapes": cmd_shapes, "sd15": cmd_sd15, "speed": cmd_speed}[args.what](args)
     result["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -9,9 +9,21 @@ from sdrt.errors import UserError
 from sdrt.runtime.precision import PRECISIONS
 
 _CACHE = re.compile(r"cache(\d+)")
-# Feature caching beyond this interval cost more than 5 points of the shapes model's accuracy against fp32
-# (benchmarks/quality.py, RESULTS.md "CPU fast modes"): it runs, but with a warning, not as an offered mode.
+# Modes that cost more than 5 points of the shapes model's accuracy against fp32 (benchmarks/quality.py,
+# RESULTS.md "CPU fast modes") run, but with a warning: not offered as-is. Caching every 3 or more UNet
+# evaluations did (8.9 points at 3), and caching with the tiny VAE decoder (6.7 points at 2).
 OFFERED_CACHE_INTERVAL = 2
+
+
+def unoffered(cache_interval: int | None, vae: str) -> str | None:
+    """Why a mode is not offered as-is (one line), or None."""
+    if cache_interval is not None and cache_interval > OFFERED_CACHE_INTERVAL:
+        return (f"cache_interval {cache_interval}: intervals above {OFFERED_CACHE_INTERVAL} cost more than 5 points of "
+                "accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); check the pictures")
+    if cache_interval is not None and cache_interval > 1 and vae == "tiny":
+        return (f"cache_interval {cache_interval} with vae 'tiny': the two together cost more than 5 points of "
+                "accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); check the pictures")
+    return None
 
 
 def mode_name(precision: str = "fp32", cache_interval: int | None = None, vae: str = "full") -> str:

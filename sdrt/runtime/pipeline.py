@@ -28,7 +28,7 @@ from sdrt.errors import SdrtWarning, StageError, UserError
 from sdrt.runtime.backends import Backend, get_backend
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import TINY_VAE, Manifest
-from sdrt.runtime.modes import OFFERED_CACHE_INTERVAL
+from sdrt.runtime.modes import unoffered
 from sdrt.runtime.precision import check_precision
 from sdrt.runtime.prompts import PromptReader, PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
@@ -290,10 +290,6 @@ class Pipeline:
         elif getattr(backend, "precision", "fp32") != self.precision:
             raise UserError(f"precision {precision!r}: the given backend runs {getattr(backend, 'precision', 'fp32')}")
         self.cache_interval = cache_interval
-        if cache_interval is not None and cache_interval > OFFERED_CACHE_INTERVAL:
-            warnings.warn(f"cache_interval {cache_interval}: intervals above {OFFERED_CACHE_INTERVAL} cost more than 5 "
-                          "points of accuracy against fp32 in sdrt's quality benchmark (benchmarks/RESULTS.md); "
-                          "check the pictures", SdrtWarning, stacklevel=2)
         self.feature_cache = self.manifest.data.get("feature_cache") if cache_interval is not None else None
         if cache_interval is not None and not self.feature_cache:
             raise UserError(f"cache_interval {cache_interval}: {self.engine_dir} has no feature-caching pair; "
@@ -301,6 +297,8 @@ class Pipeline:
         if vae == "tiny" and not self.manifest.has(TINY_VAE):
             raise UserError(f"vae 'tiny': {self.engine_dir} has no tiny VAE decoder; re-export with "
                             "`sdrt export --tiny-vae DIR`")
+        if unoffered(cache_interval, vae):
+            warnings.warn(unoffered(cache_interval, vae), SdrtWarning, stacklevel=2)
         self.vae = vae
         self.backend = get_backend(backend, **(backend_options or {}))
         if self.model.xl:  # each encoder with its own tokenizer (their pad tokens differ)

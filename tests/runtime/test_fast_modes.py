@@ -217,3 +217,40 @@ def test_modes_read_back_as_written():
     assert mode_name("bf16", 3, "tiny") == "bf16+cache3+tiny-vae"
     with pytest.raises(UserError, match="'cache0' is not a mode word"):
         parse_mode("fp32+cache0")
+
+
+def test_modes_more_than_5_points_below_fp32_warn():
+    from sdrt.runtime.modes import unoffered
+
+    assert unoffered(None, "full") is None and unoffered(2, "full") is None and unoffered(None, "tiny") is None
+    assert "above 2" in unoffered(3, "full") and "with vae 'tiny'" in unoffered(2, "tiny")
+
+
+def test_bench_runs_two_modes_side_by_side_and_names_them(engine):
+    from sdrt.bench.report import markdown
+    from sdrt.bench.runner import Settings, run_bench
+
+    result = run_bench(str(engine), None, Settings(steps=3, runs=1, warmup=0, mode="fp32+tiny-vae",
+                                                   compare_mode="fp32+cache2"), progress=False)
+    runs = {r["name"]: r for r in result["runs"]}
+    assert runs["sdrt"]["mode"] == "fp32+tiny-vae" and runs["sdrt:fp32+cache2"]["mode"] == "fp32+cache2"
+    q = result["ratio"]["compare_mode"]
+    assert q["end_to_end"] == pytest.approx(runs["sdrt:fp32+cache2"]["end_to_end_s"]["p50"]
+                                            / runs["sdrt"]["end_to_end_s"]["p50"])
+    table = markdown(result)
+    assert "| sdrt:fp32+cache2 | fp32+cache2 |" in table and "sdrt:fp32+cache2 / sdrt (p50)" in table
+
+
+def test_openvino_keeps_compiled_models_in_a_cache(engine, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from sdrt.runtime import Pipeline
+    from sdrt.runtime.backends.openvino import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "ov"))
+    first = Pipeline(engine, backend="openvino")
+    blobs = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    assert len(blobs) >= 3  # text encoder, UNet, VAE decoder(s)
+    a = first.generate("a red circle", steps=2, seed=0).images[0]
+    again = Pipeline(engine, backend="openvino")  # loads from the cache: nothing new is written
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == blobs
+    np.testing.assert_array_equal(again.generate("a red circle", steps=2, seed=0).images[0], a)

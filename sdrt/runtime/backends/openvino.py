@@ -7,6 +7,7 @@ a lower precision by itself and parity with PyTorch would be lost silently. ``pr
 
 from __future__ import annotations
 
+import os
 import queue
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +19,9 @@ from sdrt.runtime.backends.base import Backend, Session, TensorSpec
 from sdrt.runtime.backends.onnxruntime import available_cores
 from sdrt.runtime.onnx_weights import check_overrides
 from sdrt.runtime.precision import BF16_COMPONENTS, check_precision
+
+
+CACHE_DIR_ENV = "SDRT_OPENVINO_CACHE_DIR"
 
 
 class OpenVinoSession(Session):
@@ -47,16 +51,21 @@ class OpenVinoSession(Session):
 class OpenVinoBackend(Backend):
     name = "openvino"
 
-    def __init__(self, threads: int | None = None, device: str = "CPU", precision: str = "fp32"):
+    def __init__(self, threads: int | None = None, device: str = "CPU", precision: str = "fp32",
+                 cache_dir: str | os.PathLike | None = None):
+        """``cache_dir`` (default: $SDRT_OPENVINO_CACHE_DIR, else none): OpenVINO keeps the compiled models
+        there, so a later start loads them instead of compiling again (bf16 compilation takes long)."""
         self.threads = threads or available_cores()
         self.device = device
         self.precision = check_precision(precision, self.name)
+        self.cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
 
     def compile_config(self, component: str | None = None) -> dict:
         """OpenVINO's compile properties (the benchmarks use them too): latency; f32, or bf16 for the
         components bf16 applies to when the backend runs bf16."""
         hint = "bf16" if self.precision == "bf16" and component in BF16_COMPONENTS else "f32"
-        return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
+        return {**config, "CACHE_DIR": str(self.cache_dir)} if self.cache_dir else config
 
     def load(self, manifest, component: str, initializers: Mapping[str, np.ndarray] | None = None) -> OpenVinoSession:
         try:
