@@ -19,7 +19,8 @@ from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_
 
 DEFAULT_OPSET = 17
 VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU provider, over the same weights
-LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
+LAYERNORM_BROADCAST_ORT = "1.24"
+TRACE_LATENT_MAX = 64  # the largest latent side traced and checked (512 px at SD's factor 8); see _shapes   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
 
 
 def parse_components(text: str | Sequence[str] | None, available: Sequence[str] = COMPONENTS) -> list[str]:
@@ -78,8 +79,12 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
     and the traced graph takes every latent size, as diffusers does. Parity is checked at a size whose height
     is a multiple and whose width is not, so both paths are compared with PyTorch; and with the text of two
     prompt chunks where the trace saw one, so the UNet's sequence axis is checked too.
+
+    Both are taken near min(sample_size, TRACE_LATENT_MAX): the graph does not depend on the size traced, and
+    at SDXL's 128x128 latent the trace and the checks would hold activations four times as large and take
+    about four times as long, for nothing the smaller sizes do not check.
     """
-    s = numbers["sample_size"]
+    s = min(numbers["sample_size"], TRACE_LATENT_MAX)
     m = latent_size_multiple
     odd = 1 if m > 1 else 0
     trace = (2, s + odd, s + odd, 1)
@@ -120,7 +125,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     import torch
 
     from sdrt.export.graphs import SOURCES, example_inputs, export_graph, graph_specs
-    from sdrt.export.parity import check_parity
+    from sdrt.export.parity import compare, torch_outputs
     from sdrt.export.rewrites import split_geglu
     from sdrt.export.tokenizer import export_tokenizer
 
@@ -140,7 +145,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         entries: dict[str, dict] = {}
         loaded: dict[str, torch.nn.Module] = {}
         bar = _progress(comps, progress)
-        for comp in bar:
+        for i, comp in enumerate(bar):
             t0 = time.perf_counter()
             source = SOURCES[comp]
             if source not in loaded:
@@ -151,6 +156,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             module = spec.wrap(loaded).eval()
             check_inputs = example_inputs(spec, numbers, *check_shape, vocab, seed=1)
             outputs = [n for n, _, _ in spec.outputs]
+            _set_postfix(bar, comp, "reference")
+            expected = torch_outputs(module, check_inputs)
             variants = {}
             _set_postfix(bar, comp, "tracing")
             trace_inputs = example_inputs(spec, numbers, *trace_shape, vocab, seed=0)
@@ -158,28 +165,36 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 with split_geglu(loaded["unet"]):
                     if cpu_variants:
                         graph, data_file, variants = _export_unet_variants(
-                            spec, module, loaded["unet"], trace_inputs, tmp / comp, opset, check_inputs, outputs)
+                            spec, module, loaded["unet"], trace_inputs, tmp / comp, opset)
                     else:
                         graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
             elif comp.startswith("vae_") and cpu_variants and opset >= 17:
-                graph, data_file, variants = _export_vae_variants(
-                    comp, spec, module, trace_inputs, tmp / comp, opset, check_inputs, outputs)
+                graph, data_file, variants = _export_vae_variants(spec, module, trace_inputs, tmp / comp, opset)
             else:
                 graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset)
+            extra = {"token_embedding": token_embedding_record(graph, module)} if comp == "text_encoder" else {}
+            del module, trace_inputs
+            if source not in (SOURCES[c] for c in comps[i + 1:]):
+                # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
+                # the two never share memory
+                loaded.clear()
+                gc.collect()
             _set_postfix(bar, comp, "parity")
-            parity = check_parity(comp, graph, module, check_inputs, outputs)
+            parity = compare(comp, graph, expected, check_inputs, outputs)
             files = [graph] + ([graph.parent / data_file] if data_file else [])
             digest, size = sha256_files(files)
             entries[comp] = {
                 "file": f"{comp}/{graph.name}", "data_file": data_file, "sha256": digest, "size_bytes": size,
                 "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
                 "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
-                "parity": parity, "export_s": round(time.perf_counter() - t0, 2),
+                "parity": parity, **extra,
             }
+            for name, (path, what) in variants.items():
+                variants[name] = _variant_entry(comp, path, data_file, compare(
+                    f"{comp} ({what.pop('described')})", path, expected, check_inputs, outputs), **what)
+            entries[comp]["export_s"] = round(time.perf_counter() - t0, 2)
             if variants:
                 entries[comp]["variants"] = variants
-            if comp == "text_encoder":
-                entries[comp]["token_embedding"] = token_embedding_record(graph, module)
             log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
                 f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
             for name, v in variants.items():
@@ -216,16 +231,16 @@ def token_embedding_record(graph: Path, module) -> dict:
     return {"initializer": name, "shape": list(found.shape)}
 
 
-def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int):
     """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
     MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
-    standard ops (TensorRT, OpenVINO, other providers). Both are checked against PyTorch."""
+    standard ops (TensorRT, OpenVINO, other providers). Returns the portable graph, the data file and the
+    variant to check against PyTorch: {"cpu": (path, what the manifest records of it)}."""
     import onnx
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from sdrt.export.attention import CONTRIB_DOMAIN, expand_attention, fuse_attention
     from sdrt.export.graphs import export_graph
-    from sdrt.export.parity import check_parity
 
     original = unet.attn_processors
     fuse_attention(unet)
@@ -239,19 +254,18 @@ def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset
     plain = out_dir / "model.onnx"
     onnx.save_model(model, str(plain))
     del model
-    parity = check_parity("unet (fused attention)", fused, module, check_inputs, outputs)
-    return plain, data_file, {"cpu": _variant_entry("unet", fused, data_file, parity,
-                                                    attention="com.microsoft.MultiHeadAttention")}
+    return plain, data_file, {"cpu": (fused, {"described": "fused attention",
+                                              "attention": "com.microsoft.MultiHeadAttention"})}
 
 
-def _export_vae_variants(comp, spec, module, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+def _export_vae_variants(spec, module, trace_inputs, out_dir: Path, opset: int):
     """A VAE graph twice over one weights file: the portable ``model.onnx`` as traced, and ``model.ort.onnx``
-    with each GroupNorm as one LayerNormalization (the CPU backend's graph). Both are checked against PyTorch;
-    a graph without a GroupNorm to rewrite gets no variant."""
+    with each GroupNorm as one LayerNormalization (the CPU backend's graph); a graph without a GroupNorm to
+    rewrite gets no variant. Returns the portable graph, the data file and the variants to check, as
+    ``_export_unet_variants``."""
     import onnx
 
     from sdrt.export.graphs import export_graph
-    from sdrt.export.parity import check_parity
     from sdrt.export.rewrites import groupnorm_as_layernorm
 
     plain, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, external=True)
@@ -262,10 +276,9 @@ def _export_vae_variants(comp, spec, module, trace_inputs, out_dir: Path, opset:
     variant = out_dir / VARIANT_FILE
     onnx.save_model(model, str(variant))
     del model
-    parity = check_parity(f"{comp} (GroupNorm as LayerNormalization)", variant, module, check_inputs, outputs)
-    return plain, data_file, {"cpu": _variant_entry(comp, variant, data_file, parity,
-                                                    groupnorm="LayerNormalization", groupnorms=count,
-                                                    min_onnxruntime=LAYERNORM_BROADCAST_ORT)}
+    return plain, data_file, {"cpu": (variant, {"described": "GroupNorm as LayerNormalization",
+                                                "groupnorm": "LayerNormalization", "groupnorms": count,
+                                                "min_onnxruntime": LAYERNORM_BROADCAST_ORT})}
 
 
 def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, **what) -> dict:
