@@ -42,7 +42,8 @@ def _cmd_generate(args) -> int:
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
                        num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-                       truncate=args.truncate, weighting=not args.no_weighting)
+                       truncate=args.truncate, weighting=not args.no_weighting,
+                       guidance_rescale=args.guidance_rescale)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -65,7 +66,8 @@ def _cmd_generate(args) -> int:
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
             strength=req.strength if req.init_image is not None else None,
             extra={**({"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else {}),
-                   **({} if req.weighting else {"Emphasis": "None"})} or None)
+                   **({} if req.weighting else {"Emphasis": "None"}),
+                   **({"Guidance rescale": req.guidance_rescale} if req.guidance_rescale else {})} or None)
         try:
             save_png(image, path, params)
         except OSError as e:
@@ -107,6 +109,9 @@ def add_generate(sub) -> None:
                    help="classifier-free guidance scale (default 7.5). <= 1 disables it: one UNet pass per step "
                         "instead of two (Turbo models: --guidance 0). An LCM-distilled model takes it as an input "
                         "(its guidance embedding), with one pass per step at any value")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="F",
+                   help="in [0, 1]: rescale the guided prediction to the spread of the text-conditioned one, as "
+                        "diffusers' guidance_rescale (against over-exposure; default 0: off; needs guidance > 1)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     p.add_argument("--scheduler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")

@@ -71,6 +71,7 @@ class Request:
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    guidance_rescale: float = 0.0     # diffusers' rescale of the guided prediction's spread (0: none)
 
     @property
     def batch(self) -> int:
@@ -165,9 +166,21 @@ class Denoising:
         if req.guided:
             eps_uncond, eps_text = out_sample[: req.batch], out_sample[req.batch:]
             out_sample = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
+            if req.guidance_rescale > 0:
+                out_sample = rescale_guided(out_sample, eps_text, req.guidance_rescale)
         self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
         self.index += 1
         return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
+
+
+def rescale_guided(guided: np.ndarray, text: np.ndarray, factor: float) -> np.ndarray:
+    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4): give each sample of the guided prediction
+    the standard deviation of the text-conditioned one, mixed with the unrescaled by ``factor``. The deviations
+    are PyTorch's ``std``: over all but the batch axis, with Bessel's correction."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
+    f = np.float32(factor)
+    return (f * (guided * ratio) + (np.float32(1) - f) * guided).astype(np.float32, copy=False)
 
 
 def _shown(value) -> str:
@@ -334,7 +347,8 @@ class Pipeline:
                 strength: float | None = None, truncate: bool = False, weighting: bool = True,
                 original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
                 target_size: tuple[int, int] | None = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
-                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE) -> Request:
+                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+                guidance_rescale: float = 0.0) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -347,6 +361,10 @@ class Pipeline:
         size and crop conditioning (default: the output size, no crop); the refiner's ``aesthetic_score`` and
         ``negative_aesthetic_score``. An SDXL model without a negative prompt conditions its unguided half on
         zeros when its checkpoint says ``force_zeros_for_empty_prompt`` (an empty string is encoded).
+
+        ``guidance_rescale`` in [0, 1]: diffusers' rescale of the guided prediction to the text-conditioned one's
+        standard deviation (against over-exposure, for v-prediction and zero-terminal-SNR models; 0: off). It
+        acts only on guided steps (guidance > 1); otherwise it is ignored with a warning, as diffusers ignores it.
         """
         for what, flag in (("truncate", truncate), ("weighting", weighting)):
             if not isinstance(flag, bool):
@@ -362,6 +380,7 @@ class Pipeline:
                 raise UserError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts; give one per prompt")
         steps = _integer("steps", steps, 1)
         guidance = _number("guidance", guidance, lambda g: g >= 0, "a number >= 0")
+        guidance_rescale = _number("guidance_rescale", guidance_rescale, lambda g: 0 <= g <= 1, "in [0, 1]")
         num_images = _integer("num_images", num_images, 1)
         seed = secrets.randbits(63) if seed is None else _integer("seed", seed, 0, MAX_SEED, "in [0, 2**64)")
         if scheduler is not None and not isinstance(scheduler, str):
@@ -412,12 +431,17 @@ class Pipeline:
             # diffusers drops it without a word
             logger.warning("the negative prompt is ignored: %s", "this model takes guidance as an input, with no "
                            "unguided pass" if embedded else f"guidance {guidance:g} <= 1 runs no unguided pass")
+        if guidance_rescale > 0 and (embedded or not guidance > 1.0):
+            logger.warning("guidance_rescale %g is ignored: %s", guidance_rescale,
+                           "this model takes guidance as an input, with no unguided pass" if embedded
+                           else f"guidance {guidance:g} <= 1 runs no unguided pass")
         req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
                       init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
                       zero_negative=m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt,
                       original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
                       target_size=None if target_size is None else tuple(target_size),
-                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score))
+                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
+                      guidance_rescale=guidance_rescale)
         if self.prompt_reader is not None:
             req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
         return req

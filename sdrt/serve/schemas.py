@@ -32,6 +32,7 @@ class ImageRequest(BaseModel):
     negative_prompt: str | None = None
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
+    guidance_rescale: float = Field(default=0.0, description="in [0, 1]: diffusers' guidance_rescale (0: off)")
     seed: int | None = Field(default=None, description="default: random (answered in `seeds`)")
     scheduler: str | None = Field(default=None, description=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     height: int | None = Field(default=None, description="default: the model's (img2img: the init image's)")

@@ -178,3 +178,39 @@ def test_unet_inputs_batch_along_the_first_axis(sdxl):
     out = pipe.sessions["unet"].run(joint)["out_sample"]
     alone = pipe.sessions["unet"].run(fb)["out_sample"]
     np.testing.assert_allclose(out[4:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_rescale_guided_is_diffusers_rescale_noise_cfg():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from sdrt.runtime.pipeline import rescale_guided
+
+    rng = np.random.default_rng(0)
+    guided = rng.standard_normal((3, 4, 8, 6), dtype=np.float32) * np.float32([[[[3.0]]], [[[1.0]]], [[[0.5]]]])
+    text = rng.standard_normal((3, 4, 8, 6), dtype=np.float32)
+    for factor in (0.0, 0.7, 1.0):
+        ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(text), guidance_rescale=factor).numpy()
+        np.testing.assert_allclose(rescale_guided(guided, text, factor), ref, rtol=1e-5, atol=1e-6)
+    # per sample: each of the three gets the text prediction's spread (with factor 1), not a batch-wide one
+    np.testing.assert_allclose(rescale_guided(guided, text, 1.0).std(axis=(1, 2, 3), ddof=1),
+                               text.std(axis=(1, 2, 3), ddof=1), rtol=1e-5)
+
+
+def test_guidance_rescale_matches_diffusers(sdxl, caplog):
+    import logging
+
+    pipe, settings = sdxl["pipe"], dict(steps=4, guidance=9.0, seed=7, scheduler="euler")
+    plain = pipe.generate(PROMPT, "blurry", **settings).images[0]
+    ours = pipe.generate(PROMPT, "blurry", guidance_rescale=0.7, **settings).images[0]
+    ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4,
+                            guidance_scale=9.0, seed=7, guidance_rescale=0.7)
+    match, moved = images_psnr(ours, ref[0]), images_psnr(ours, plain)
+    assert match >= PSNR_FLOOR_DB
+    # the rescale moved the image (a random tiny UNet reads guidance weakly) far more than sdrt differs from diffusers
+    assert moved < 60 and match > moved + 10, (match, moved)
+    with pytest.raises(UserError, match=r"^guidance_rescale 1\.5: must be in \[0, 1\]$"):
+        pipe.request(PROMPT, guidance_rescale=1.5)
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        pipe.request(PROMPT, guidance=1.0, guidance_rescale=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "guidance_rescale 0.5 is ignored: guidance 1 <= 1 runs no unguided pass"]
