@@ -43,7 +43,8 @@ def _cmd_generate(args) -> int:
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
                        num_images=args.num_images, init_image=args.init_image, strength=args.strength,
                        truncate=args.truncate, weighting=not args.no_weighting,
-                       guidance_rescale=args.guidance_rescale)
+                       guidance_rescale=args.guidance_rescale, prompt_2=args.prompt_2,
+                       negative_prompt_2=args.negative_prompt_2)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -103,6 +104,10 @@ def add_generate(sub) -> None:
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="what to steer away from (used only with guidance > 1; without it an SDXL model whose "
                         "checkpoint says force_zeros_for_empty_prompt conditions on zeros)")
+    p.add_argument("--prompt-2", default=None, metavar="TEXT",
+                   help="SDXL base: what the second text encoder (OpenCLIP bigG) reads instead of PROMPT")
+    p.add_argument("--negative-prompt-2", default=None, metavar="TEXT",
+                   help="SDXL base: what the second text encoder reads instead of --negative-prompt")
     p.add_argument("--steps", type=int, default=50,
                    help="denoising steps (default 50; few-step models: 1-4, e.g. SD-Turbo and SDXL-Turbo, LCM)")
     p.add_argument("--guidance", type=float, default=7.5,

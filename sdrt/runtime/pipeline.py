@@ -72,6 +72,9 @@ class Request:
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     guidance_rescale: float = 0.0     # diffusers' rescale of the guided prediction's spread (0: none)
+    # SDXL base: what the second text encoder reads instead of the prompts / negative prompts (None: the same)
+    prompts_2: list[str] | None = None
+    negative_prompts_2: list[str] | None = None
 
     @property
     def batch(self) -> int:
@@ -197,6 +200,16 @@ def _texts(what: str, value) -> list[str]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
     raise UserError(f"{what} {_shown(value)}: must be a string or a non-empty list of strings")
+
+
+def _per_prompt(what: str, value, n: int) -> list[str]:
+    """One text per prompt: a string stands for every prompt, a list must have one per prompt."""
+    texts = _texts(what, value)
+    if isinstance(value, str):
+        return texts * n
+    if len(texts) != n:
+        raise UserError(f"{what}: {len(texts)} for {n} prompts; give one per prompt")
+    return texts
 
 
 def _integer(what: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
@@ -348,7 +361,8 @@ class Pipeline:
                 original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
                 target_size: tuple[int, int] | None = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                 negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
-                guidance_rescale: float = 0.0) -> Request:
+                guidance_rescale: float = 0.0, prompt_2: str | Sequence[str] | None = None,
+                negative_prompt_2: str | Sequence[str] | None = None) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -365,19 +379,21 @@ class Pipeline:
         ``guidance_rescale`` in [0, 1]: diffusers' rescale of the guided prediction to the text-conditioned one's
         standard deviation (against over-exposure, for v-prediction and zero-terminal-SNR models; 0: off). It
         acts only on guided steps (guidance > 1); otherwise it is ignored with a warning, as diffusers ignores it.
+
+        SDXL base: ``prompt_2`` / ``negative_prompt_2``, what the second text encoder (OpenCLIP bigG) reads instead
+        of ``prompt`` / ``negative_prompt`` (default, or an empty string: the same), as in diffusers. As there,
+        ``negative_prompt_2`` without ``negative_prompt`` on a force_zeros_for_empty_prompt checkpoint still
+        conditions on zeros, and the refiner's one encoder reads ``prompt``: both are warned about.
         """
         for what, flag in (("truncate", truncate), ("weighting", weighting)):
             if not isinstance(flag, bool):
                 raise UserError(f"{what} {_shown(flag)}: must be True or False")
         prompts = _texts("prompt", prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = _texts("negative_prompt", negative_prompt)
-            if isinstance(negative_prompt, str):
-                negatives *= len(prompts)
-            elif len(negatives) != len(prompts):
-                raise UserError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts; give one per prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else \
+            _per_prompt("negative_prompt", negative_prompt, len(prompts))
+        # diffusers: `prompt_2 or prompt`, so an empty string is the same as none
+        prompts_2, negatives_2 = (None if v is None or v == "" else _per_prompt(what, v, len(prompts))
+                                  for what, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
         steps = _integer("steps", steps, 1)
         guidance = _number("guidance", guidance, lambda g: g >= 0, "a number >= 0")
         guidance_rescale = _number("guidance_rescale", guidance_rescale, lambda g: 0 <= g <= 1, "in [0, 1]")
@@ -389,6 +405,12 @@ class Pipeline:
         xl_settings = (original_size, tuple(crop), target_size, aesthetic_score, negative_aesthetic_score)
         if not m.xl and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
             raise UserError("original_size, crop, target_size and aesthetic scores: only SDXL models take them")
+        if not m.xl and (prompt_2, negative_prompt_2) != (None, None):
+            raise UserError("prompt_2 and negative_prompt_2: only SDXL models take them (their second text encoder)")
+        if len(m.text_encoders or ()) == 1 and (prompts_2 or negatives_2):
+            logger.warning("prompt_2 and negative_prompt_2 are ignored: this model's one text encoder reads "
+                           "prompt and negative_prompt, as in diffusers")
+            prompts_2 = negatives_2 = None
         for what, pair in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
             if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0
                                                                 for v in pair)):
@@ -427,7 +449,12 @@ class Pipeline:
         if init_image is not None:
             sched.begin_index(strength)  # refuses a strength that leaves no step to run
         embedded = bool(m.guidance_embedding_dim)
-        if negative_prompt is not None and any(negatives) and (embedded or not guidance > 1.0):
+        zero_negative = m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt
+        if negatives_2 and zero_negative and guidance > 1.0:
+            logger.warning("negative_prompt_2 is ignored without negative_prompt: this checkpoint conditions the "
+                           "unguided half on zeros (force_zeros_for_empty_prompt), as diffusers does")
+        if ((negative_prompt is not None and any(negatives)) or any(negatives_2 or ())) \
+                and (embedded or not guidance > 1.0):
             # diffusers drops it without a word
             logger.warning("the negative prompt is ignored: %s", "this model takes guidance as an input, with no "
                            "unguided pass" if embedded else f"guidance {guidance:g} <= 1 runs no unguided pass")
@@ -437,11 +464,11 @@ class Pipeline:
                            else f"guidance {guidance:g} <= 1 runs no unguided pass")
         req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
                       init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
-                      zero_negative=m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt,
+                      zero_negative=zero_negative,
                       original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
                       target_size=None if target_size is None else tuple(target_size),
                       aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
-                      guidance_rescale=guidance_rescale)
+                      guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2)
         if self.prompt_reader is not None:
             req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
         return req
@@ -454,10 +481,13 @@ class Pipeline:
         return int(value)
 
     # ---- stages ---------------------------------------------------------------------------------------
-    def text_inputs(self, req: Request) -> list[str]:
+    def text_inputs(self, req: Request, second: bool = False) -> list[str]:
         """The prompts the text encoder reads for ``req``: positives, then negatives when guided (and not
-        zeros instead: SDXL's force_zeros_for_empty_prompt)."""
-        return req.prompts + (req.negative_prompts if req.guided and not req.zero_negative else [])
+        zeros instead: SDXL's force_zeros_for_empty_prompt). ``second``: those SDXL's second encoder reads
+        (``prompt_2`` / ``negative_prompt_2`` where given)."""
+        prompts = (req.prompts_2 or req.prompts) if second else req.prompts
+        negatives = (req.negative_prompts_2 or req.negative_prompts) if second else req.negative_prompts
+        return prompts + (negatives if req.guided and not req.zero_negative else [])
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray | PromptEmbeddings:
         """What :meth:`start` takes as ``texts``: ``encode_prompts`` (SD1/SD2) or ``encode_prompts_xl`` (SDXL)."""
@@ -487,13 +517,17 @@ class Pipeline:
             list(prompts), truncate=truncate, weighting=weighting, max_chunks=self.max_prompt_chunks,
             limit=self._prompt_limit))
 
-    def encode_prompts_xl(self, prompts: Sequence[str]) -> PromptEmbeddings:
-        """SDXL: each encoder reads the prompts with its own tokenizer; their penultimate hidden states are
-        concatenated on the width, the last encoder's pooled projection is the pooled embedding."""
+    def encode_prompts_xl(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None) -> PromptEmbeddings:
+        """SDXL: each encoder reads the prompts with its own tokenizer (the second of two reads ``prompts_2``
+        where given, one for each of ``prompts``); their penultimate hidden states are concatenated on the width,
+        the last encoder's pooled projection is the pooled embedding."""
+        if prompts_2 is not None and len(prompts_2) != len(prompts):
+            raise UserError(f"prompts_2: {len(prompts_2)} for {len(prompts)} prompts; give one per prompt")
         hidden, pooled = [], None
-        for e in self.model.text_encoders:
+        for i, e in enumerate(self.model.text_encoders):
             comp = e["component"]
-            out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(prompts))})
+            texts = prompts_2 if i == 1 and prompts_2 is not None else prompts
+            out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(texts))})
             for name, value in out.items():
                 _check_finite(comp, value)
             hidden.append(out[e["output"]])
@@ -549,7 +583,7 @@ class Pipeline:
 
         if texts is None:
             t0 = time.perf_counter()
-            texts = (self.encode_prompts_xl(self.text_inputs(req)) if m.xl
+            texts = (self.encode_prompts_xl(self.text_inputs(req), self.text_inputs(req, second=True)) if m.xl
                      else self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req)))
             timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
         if isinstance(texts, PromptEmbeddings):

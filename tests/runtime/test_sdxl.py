@@ -214,3 +214,39 @@ def test_guidance_rescale_matches_diffusers(sdxl, caplog):
         pipe.request(PROMPT, guidance=1.0, guidance_rescale=0.5)
     assert [r.getMessage() for r in caplog.records] == [
         "guidance_rescale 0.5 is ignored: guidance 1 <= 1 runs no unguided pass"]
+
+
+def test_second_prompts_match_diffusers(sdxl):
+    """prompt_2 / negative_prompt_2 reach the second encoder only, as in diffusers; "" means the same prompt."""
+    pipe, settings = sdxl["pipe"], dict(steps=4, guidance=6.0, seed=11, scheduler="euler")
+    kw = dict(prompt_2="a green square, sharp", negative_prompt_2="noisy, dark")
+    ours = pipe.generate(PROMPT, "blurry", **kw, **settings).images[0]
+    ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4,
+                            guidance_scale=6.0, seed=11, **kw)
+    same = pipe.generate(PROMPT, "blurry", **settings).images[0]
+    match, moved = images_psnr(ours, ref[0]), images_psnr(ours, same)
+    assert match >= PSNR_FLOOR_DB and match > moved + 10, (match, moved)
+    req = pipe.request(PROMPT, "blurry", **kw, **settings)
+    assert pipe.text_inputs(req) == [PROMPT, "blurry"]
+    assert pipe.text_inputs(req, second=True) == [kw["prompt_2"], kw["negative_prompt_2"]]
+    empty = pipe.request(PROMPT, "blurry", prompt_2="", **settings)
+    assert pipe.text_inputs(empty, second=True) == [PROMPT, "blurry"]
+    with pytest.raises(UserError, match=r"^prompt_2: 1 for 2 prompts; give one per prompt$"):
+        pipe.request([PROMPT, PROMPT], prompt_2=["one"])
+
+
+def test_second_prompts_are_sdxl_base_only(sdxl, refiner, sd1_engine, init_image_path, caplog):
+    import logging
+
+    from sdrt.runtime import Pipeline
+
+    with pytest.raises(UserError, match=r"^prompt_2 and negative_prompt_2: only SDXL models take them"):
+        Pipeline(sd1_engine).request(PROMPT, prompt_2="x")
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        req = refiner["pipe"].request(PROMPT, prompt_2="x", init_image=init_image_path, steps=4)
+        assert req.prompts_2 is None
+        # force_zeros_for_empty_prompt: without negative_prompt, diffusers conditions on zeros regardless
+        req = sdxl["pipe"].request(PROMPT, negative_prompt_2="noisy", guidance=6.0)
+        assert req.zero_negative and sdxl["pipe"].text_inputs(req, second=True) == [PROMPT]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "prompt_2 and negative_prompt_2 are ignored", "negative_prompt_2 is ignored without negative_prompt"]
