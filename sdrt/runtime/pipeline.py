@@ -75,6 +75,15 @@ class Request:
     # SDXL base: what the second text encoder reads instead of the prompts / negative prompts (None: the same)
     prompts_2: list[str] | None = None
     negative_prompts_2: list[str] | None = None
+    # SDXL's base + refiner handoff: stop / start that far through the schedule (None: its end / start); the
+    # refiner starts from the base's latents (init_latents, [1 or batch, C, h, w], scaled as the UNet sees them)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    init_latents: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None or self.init_latents is not None
 
     @property
     def batch(self) -> int:
@@ -124,9 +133,11 @@ class Denoising:
     """
 
     def __init__(self, req: Request, sched: Scheduler, state, rng: TorchCPUGenerator, latents: np.ndarray,
-                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None):
+                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
+                 end: int | None = None):
         """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
-        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``."""
+        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
+        the scheduler's step indices ``begin`` to ``end`` (default: its last)."""
         self.req = req
         self.sched = sched
         self.state = state
@@ -135,12 +146,13 @@ class Denoising:
         self.context = context
         self.conditioning = dict(conditioning or {})
         self.begin = begin
+        self.end = len(sched.timesteps) if end is None else end
         self.index = begin  # the next index into sched.timesteps
 
     @property
     def total(self) -> int:
-        """UNet calls this request makes (len(timesteps) - begin: heun and pndm make more than ``steps``)."""
-        return len(self.sched.timesteps) - self.begin
+        """UNet calls this request makes (end - begin: heun and pndm make more than ``steps``)."""
+        return self.end - self.begin
 
     @property
     def completed(self) -> int:
@@ -148,7 +160,7 @@ class Denoising:
 
     @property
     def done(self) -> bool:
-        return self.index >= len(self.sched.timesteps)
+        return self.index >= self.end
 
     @property
     def unet_batch(self) -> int:
@@ -362,7 +374,8 @@ class Pipeline:
                 target_size: tuple[int, int] | None = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
                 negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                 guidance_rescale: float = 0.0, prompt_2: str | Sequence[str] | None = None,
-                negative_prompt_2: str | Sequence[str] | None = None) -> Request:
+                negative_prompt_2: str | Sequence[str] | None = None, denoising_end: float | None = None,
+                denoising_start: float | None = None, init_latents: np.ndarray | None = None) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -384,6 +397,12 @@ class Pipeline:
         of ``prompt`` / ``negative_prompt`` (default, or an empty string: the same), as in diffusers. As there,
         ``negative_prompt_2`` without ``negative_prompt`` on a force_zeros_for_empty_prompt checkpoint still
         conditions on zeros, and the refiner's one encoder reads ``prompt``: both are warned about.
+
+        SDXL's base + refiner handoff, as diffusers' SDXL pipelines: ``denoising_end`` in (0, 1) stops the base
+        that far through the schedule (its ``Result.latents`` are then still noisy); the refiner, given them as
+        ``init_latents`` (``[1 or batch, C, H/f, W/f]``, scaled as the UNet sees them) and ``denoising_start``
+        at the same fraction, runs the rest of the same schedule without adding noise (``strength`` is then
+        ignored, as there). ``init_latents`` without ``denoising_start`` is img2img from latents at ``strength``.
         """
         for what, flag in (("truncate", truncate), ("weighting", weighting)):
             if not isinstance(flag, bool):
@@ -415,11 +434,41 @@ class Pipeline:
             if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0
                                                                 for v in pair)):
                 raise UserError(f"{what} {pair!r}: must be two integers >= 0 (height, width / top, left)")
-        if init_image is None and not m.txt2img:
+        denoising = {}
+        for what, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None:
+                if not m.xl:
+                    raise UserError(f"{what}: only SDXL models take it (the base + refiner handoff)")
+                denoising[what] = _number(what, value, lambda v: 0 < v < 1, "in (0, 1)")
+        if len(denoising) == 2 and denoising["denoising_start"] >= denoising["denoising_end"]:
+            raise UserError(f"denoising_start {denoising_start:g}: must be below denoising_end {denoising_end:g}")
+        if init_image is not None and init_latents is not None:
+            raise UserError("init_image and init_latents: give one of them")
+        img2img = init_image is not None or init_latents is not None
+        if not img2img and not m.txt2img:
             raise UserError(f"{self.engine_dir}: this model ({m.family}) only refines an image; give an init image")
+        if "denoising_start" in denoising and not img2img:
+            raise UserError(f"denoising_start {denoising_start:g}: only img2img uses it; give init_latents (the base's "
+                            "latents) or init_image")
         height = None if height is None else self._size("height", height)
         width = None if width is None else self._size("width", width)
-        if init_image is None:
+        strength_asked = strength is not None
+        if init_latents is not None:
+            shape = getattr(init_latents, "shape", None)
+            f, c = m.vae_scale_factor, m.latent_channels
+            if (not isinstance(init_latents, np.ndarray) or init_latents.ndim != 4 or init_latents.dtype.kind != "f"
+                    or shape[1] != c or shape[0] not in (1, len(prompts) * num_images)):
+                raise UserError(f"init_latents {_shown(init_latents)}: expected a float [1 or {len(prompts) * num_images}, "
+                                f"{c}, H/{f}, W/{f}] array (a Result's latents)")
+            lat_h, lat_w = int(shape[2]) * f, int(shape[3]) * f
+            if (height or lat_h, width or lat_w) != (lat_h, lat_w):
+                raise UserError(f"init_latents are of a {lat_w}x{lat_h} image but {width or lat_w}x{height or lat_h} "
+                                "was asked")
+            height, width = lat_h, lat_w
+            init_latents = np.ascontiguousarray(init_latents, dtype=np.float32)
+            strength = _number("strength", DEFAULT_STRENGTH if strength is None else strength,
+                               lambda v: 0 < v <= 1, "in (0, 1]")
+        elif init_image is None:
             if strength is not None:
                 raise UserError(f"strength {_shown(strength)}: only img2img uses it; give init_image, or leave it out")
             strength = 1.0
@@ -446,8 +495,15 @@ class Pipeline:
             height, width = img_h, img_w
         # validates the name (or the config's own class) and the step count
         sched = make_scheduler(scheduler, self.scheduler_config, steps)
-        if init_image is not None:
-            sched.begin_index(strength)  # refuses a strength that leaves no step to run
+        # each refuses a setting that leaves no step to run
+        if "denoising_start" in denoising:
+            if strength_asked:
+                logger.warning("strength is ignored: denoising_start sets where the schedule starts, as in diffusers")
+            begin = sched.start_index(denoising["denoising_start"])
+        else:
+            begin = sched.begin_index(strength) if img2img else 0
+        if "denoising_end" in denoising:
+            sched.end_index(denoising["denoising_end"], begin)
         embedded = bool(m.guidance_embedding_dim)
         zero_negative = m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt
         if negatives_2 and zero_negative and guidance > 1.0:
@@ -468,7 +524,9 @@ class Pipeline:
                       original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
                       target_size=None if target_size is None else tuple(target_size),
                       aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
-                      guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2)
+                      guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2,
+                      denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
+                      init_latents=init_latents)
         if self.prompt_reader is not None:
             req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
         return req
@@ -579,7 +637,11 @@ class Pipeline:
         m = self.model
         rng = TorchCPUGenerator(req.seed)
         sched = req.schedule or make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
-        begin = sched.begin_index(req.strength) if req.init_image is not None else 0
+        if req.denoising_start is not None:
+            begin = sched.start_index(req.denoising_start)
+        else:
+            begin = sched.begin_index(req.strength) if req.img2img else 0
+        end = None if req.denoising_end is None else sched.end_index(req.denoising_end, begin)
 
         if texts is None:
             t0 = time.perf_counter()
@@ -596,16 +658,22 @@ class Pipeline:
             conditioning["timestep_cond"] = guidance_embedding(req.guidance, m.guidance_embedding_dim, req.batch)
 
         shape = (req.batch, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
-        if req.init_image is None:
+        if not req.img2img:
             latents = (rng.randn(shape) * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:
-            t0 = time.perf_counter()
-            init = self.encode_image(req.init_image, rng)
-            timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
-            init = np.concatenate([init] * req.batch) if req.batch > 1 else init
-            noise = rng.randn(init.shape)
-            latents = sched.add_noise(init, noise, begin).astype(np.float32)
-        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning)
+            if req.init_latents is not None:
+                init = req.init_latents
+            else:
+                t0 = time.perf_counter()
+                init = self.encode_image(req.init_image, rng)
+                timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
+            init = np.concatenate([init] * req.batch) if req.batch > 1 and len(init) == 1 else init
+            if req.denoising_start is None:
+                noise = rng.randn(init.shape)
+                latents = sched.add_noise(init, noise, begin).astype(np.float32)
+            else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
+                latents = init.astype(np.float32)
+        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end)
 
     def _time_ids(self, req: Request) -> np.ndarray:
         """SDXL's added time ids, [unet_batch, len(model.time_ids)]: sizes, crop and target size (base) or

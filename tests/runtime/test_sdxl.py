@@ -250,3 +250,62 @@ def test_second_prompts_are_sdxl_base_only(sdxl, refiner, sd1_engine, init_image
         assert req.zero_negative and sdxl["pipe"].text_inputs(req, second=True) == [PROMPT]
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "prompt_2 and negative_prompt_2 are ignored", "negative_prompt_2 is ignored without negative_prompt"]
+
+
+def _diffusers_latents_or_images(ref, name, **kw):
+    from sdrt.bench.reference import diffusers_scheduler
+
+    if not hasattr(ref, "sdrt_original_scheduler_config"):
+        ref.sdrt_original_scheduler_config = dict(ref.scheduler.config)
+    ref.scheduler = diffusers_scheduler(name, ref.sdrt_original_scheduler_config)
+    return ref(generator=torch.Generator("cpu").manual_seed(kw.pop("seed")), **kw).images
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "heun"])
+def test_base_then_refiner_hand_off_as_in_diffusers(sdxl, refiner, scheduler):
+    """denoising_end on the base, its latents and denoising_start on the refiner: the same split of one schedule,
+    the same latents and image as diffusers' base(output_type="latent") -> refiner(image=latents)."""
+    steps, split = 8, 0.7
+    settings = dict(steps=steps, guidance=6.0, scheduler=scheduler)
+    base = sdxl["pipe"].generate(PROMPT, "blurry", seed=3, denoising_end=split, **settings)
+    ours = refiner["pipe"].generate(PROMPT, "blurry", seed=4, denoising_start=split, init_latents=base.latents,
+                                    **settings)
+    kw = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=steps, guidance_scale=6.0)
+    ref_latents = _diffusers_latents_or_images(sdxl["txt2img"], scheduler, seed=3, denoising_end=split,
+                                               output_type="latent", **kw).numpy()
+    ref = _diffusers_latents_or_images(refiner["img2img"], scheduler, seed=4, image=torch.from_numpy(base.latents),
+                                       denoising_start=split, output_type="np", **kw)
+    rel = np.linalg.norm(base.latents - ref_latents) / np.linalg.norm(ref_latents)
+    assert rel < 1e-3, rel
+    assert images_psnr(ours.images[0], (ref[0] * 255).round().astype(np.uint8)) >= PSNR_FLOOR_DB
+    # the two runs split the schedule: together they make the UNet calls one full run makes, each some (diffusers'
+    # refiner takes one call more with a second-order scheduler, so that it starts on a whole step)
+    calls = len(sdxl["pipe"].request(PROMPT, **settings).schedule.timesteps) + (scheduler == "heun")
+    base_calls, ref_calls = len(base.timings["unet_step_ms"]), len(ours.timings["unet_step_ms"])
+    assert base_calls >= 1 and ref_calls >= 1 and base_calls + ref_calls == calls, (base_calls, ref_calls, calls)
+
+
+def test_handoff_settings_are_checked(sdxl, refiner, sd1_engine, caplog):
+    import logging
+
+    from sdrt.runtime import Pipeline
+
+    base, ref = sdxl["pipe"], refiner["pipe"]
+    latents = np.zeros((1, 4, 16, 16), np.float32)
+    with pytest.raises(UserError, match=r"^denoising_end: only SDXL models take it"):
+        Pipeline(sd1_engine).request(PROMPT, denoising_end=0.8)
+    with pytest.raises(UserError, match=r"^denoising_end 1\.0: must be in \(0, 1\)$"):
+        base.request(PROMPT, denoising_end=1.0)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.8: only img2img uses it"):
+        base.request(PROMPT, denoising_start=0.8)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.8: must be below denoising_end 0\.5$"):
+        ref.request(PROMPT, init_latents=latents, denoising_start=0.8, denoising_end=0.5)
+    with pytest.raises(UserError, match=r"^init_latents <float32 array of shape \[1, 3, 16, 16\]>: expected"):
+        ref.request(PROMPT, init_latents=np.zeros((1, 3, 16, 16), np.float32), denoising_start=0.8)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.999 with 4 steps leaves no step to run"):
+        ref.request(PROMPT, init_latents=latents, denoising_start=0.999, steps=4)
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        req = ref.request(PROMPT, init_latents=latents, denoising_start=0.5, strength=0.3, steps=4)
+    assert (req.height, req.width) == (32, 32) and req.img2img
+    assert [r.getMessage() for r in caplog.records] == [
+        "strength is ignored: denoising_start sets where the schedule starts, as in diffusers"]
