@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.sdrt-installed
 
-.PHONY: venv test demo base-install-check sd15-export chromium clean
+.PHONY: venv test demo base-install-check sd15-export sdxl-export chromium clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ base-install-check: venv
 # The full-size SD1.5 architecture (random weights): export time, peak memory and parity.
 sd15-export: venv
 	$(PY) benchmarks/export_sd15.py
+
+# The full-size SDXL base architecture (random weights): the same, within 16 GiB (needs ~28 GB of disk).
+sdxl-export: venv
+	$(PY) benchmarks/export_sdxl.py
 
 clean:
 	rm -rf $(VENV) .venv-base build .pytest_cache

@@ -25,14 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def feeds_for(component: str, size: int, model: dict) -> dict[str, np.ndarray]:
+    """Random inputs of a UNet step (batch 2: one guided image; SDXL's added conditioning for a ``size`` image)
+    or a VAE decode (batch 1), shaped by the manifest's model numbers."""
     rng = np.random.default_rng(0)
     lat = size // model["vae_scale_factor"]
     c = model["latent_channels"]
     if component == "unet":
-        return {"sample": rng.standard_normal((2, c, lat, lat), dtype=np.float32),
-                "timestep": np.array([500, 500], np.float32),
-                "encoder_hidden_states": rng.standard_normal(
-                    (2, model["text_max_length"], model["text_hidden_size"]), dtype=np.float32)}
+        feeds = {"sample": rng.standard_normal((2, c, lat, lat), dtype=np.float32),
+                 "timestep": np.array([500, 500], np.float32),
+                 "encoder_hidden_states": rng.standard_normal(
+                     (2, model["text_max_length"], model["text_hidden_size"]), dtype=np.float32)}
+        if model.get("time_ids"):
+            ids = {"original_height": size, "original_width": size, "crop_top": 0, "crop_left": 0,
+                   "target_height": size, "target_width": size, "aesthetic_score": 6.0}
+            feeds["text_embeds"] = rng.standard_normal((2, model["pooled_dim"]), dtype=np.float32)
+            feeds["time_ids"] = np.array([[ids[k] for k in model["time_ids"]]] * 2, np.float32)
+        return feeds
     return {"latent_sample": rng.standard_normal((1, c, lat, lat), dtype=np.float32)}
 
 

@@ -15,6 +15,10 @@ Real diffusers/transformers classes, the real CLIP vocabulary (tools/clip_vocab.
 * ``lcm-tiny``: an LCM-distilled SD1-style UNet (``time_cond_proj_dim``: the guidance embedding) with the
   LCM scheduler, saved as a LatentConsistencyModelPipeline.
 * ``sd15``: the full-size SD1.5 architecture (860M-parameter UNet) for benchmarks; never in tests.
+* ``sdxl``: the full-size SDXL base 1.0 architecture (2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG text
+  encoders, the SDXL VAE), its configs as stabilityai/stable-diffusion-xl-base-1.0 ships them, for benchmarks;
+  never in tests. Weights are saved in shards of at most 2 GB, so neither writing nor loading holds a whole
+  component's file in memory twice.
 
     python -m tools.make_models sd1-tiny OUT_DIR [--seed N]
 """
@@ -31,7 +35,8 @@ from pathlib import Path
 from tools.clip_vocab import EOS, write_clip_tokenizer
 
 KINDS = ("sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny",
-         "lcm-tiny", "sd15")
+         "lcm-tiny", "sd15", "sdxl")
+BENCHMARK_KINDS = ("sd15", "sdxl")  # full-size architectures: left at their random init, saved in shards
 
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -127,6 +132,24 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=0.13025, force_upcast=True)
 
+# The full-size SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0: text_encoder, text_encoder_2, unet and
+# vae config.json, their non-default values). CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection).
+SDXL_BASE_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu", projection_dim=768)
+SDXL_BASE_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                        hidden_act="gelu", projection_dim=1280)
+SDXL_BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+SDXL_BASE_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+                     force_upcast=True)
+
 
 def _configs(kind: str) -> dict:
     if kind == "sd1-tiny":
@@ -188,6 +211,10 @@ def _configs(kind: str) -> dict:
                      layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215),
             scheduler=SD1_SCHEDULER, pad_token=EOS,
         )
+    if kind == "sdxl":
+        return dict(text=SDXL_BASE_TEXT, text_2=SDXL_BASE_TEXT_2, pad_token=EOS, pad_token_2="!",
+                    unet=SDXL_BASE_UNET, vae=SDXL_BASE_VAE, scheduler=SDXL_SCHEDULER,
+                    pipeline=dict(force_zeros_for_empty_prompt=True))
     raise SystemExit(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
@@ -235,7 +262,7 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         modules["text_encoder_2"] = _text_encoder(cfg["text_2"], with_projection=True)
     modules["unet"] = UNet2DConditionModel(**cfg["unet"]).eval()
     modules["vae"] = AutoencoderKL(**cfg["vae"]).eval()
-    if kind != "sd15":
+    if kind not in BENCHMARK_KINDS:
         # Random init leaves conv_out/attention-out near zero in places; perturb every parameter a little so
         # every path carries signal and parity checks measure something.
         with torch.no_grad():
@@ -247,7 +274,7 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     for name, pad in pads.items():
         write_clip_tokenizer(tmp / name, pad_token=pad)
     pipe = _pipeline(kind, cfg, modules, {name: tmp / name for name in pads})
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
     # save_pretrained rewrites the tokenizer folders; keep the files exactly as released checkpoints ship them
     for name, pad in pads.items():
         shutil.rmtree(tmp / name)

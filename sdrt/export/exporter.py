@@ -21,6 +21,7 @@ from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_
 DEFAULT_OPSET = 17
 VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU provider, over the same weights
 LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
+TRACE_LATENT_MAX = 64  # the largest latent side traced and checked (512 px at SD's factor 8); see _shapes
 # The graphs LoRAs patch: they get a weight map, and their weights go to the external-data file, so the runtime
 # can hand onnxruntime patched values as external initializers, which every graph optimization then sees.
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
@@ -82,8 +83,12 @@ def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, i
     and the traced graph takes every latent size, as diffusers does. Parity is checked at a size whose height
     is a multiple and whose width is not, so both paths are compared with PyTorch; and with the text of two
     prompt chunks where the trace saw one, so the UNet's sequence axis is checked too.
+
+    Both are taken near min(sample_size, TRACE_LATENT_MAX): the graph does not depend on the size traced, and
+    at SDXL's 128x128 latent the trace and the checks would hold activations four times as large and take
+    about four times as long, for nothing the smaller sizes do not check.
     """
-    s = numbers["sample_size"]
+    s = min(numbers["sample_size"], TRACE_LATENT_MAX)
     m = latent_size_multiple
     odd = 1 if m > 1 else 0
     trace = (2, s + odd, s + odd, 1)
@@ -164,7 +169,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     import torch
 
     from sdrt.export.graphs import SOURCES, example_inputs, export_graph, graph_specs
-    from sdrt.export.parity import check_parity
+    from sdrt.export.parity import compare, torch_outputs
     from sdrt.export.rewrites import split_geglu
     from sdrt.export.tokenizer import export_tokenizer
 
@@ -190,7 +195,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
         entries: dict[str, dict] = {}
         loaded: dict[str, torch.nn.Module] = {}
         bar = _progress(comps, progress)
-        for comp in bar:
+        for i, comp in enumerate(bar):
             t0 = time.perf_counter()
             source = SOURCES[comp]
             if source not in loaded:
@@ -202,6 +207,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             module = spec.wrap(loaded).eval()
             check_inputs = example_inputs(spec, numbers, *check_shape, vocab, seed=1)
             outputs = [n for n, _, _ in spec.outputs]
+            _set_postfix(bar, comp, "reference")
+            expected = torch_outputs(module, check_inputs)
             variants = {}
             _set_postfix(bar, comp, "tracing")
             trace_inputs = example_inputs(spec, numbers, *trace_shape, vocab, seed=0)
@@ -209,33 +216,34 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 with split_geglu(loaded["unet"]):
                     if cpu_variants:
                         graph, data_file, variants = _export_unet_variants(
-                            spec, module, loaded["unet"], trace_inputs, tmp / comp, opset, check_inputs, outputs)
+                            spec, module, loaded["unet"], trace_inputs, tmp / comp, opset)
                     else:
                         graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset, external=True)
             elif comp.startswith("vae_") and cpu_variants and opset >= 17:
-                graph, data_file, variants = _export_vae_variants(
-                    comp, spec, module, trace_inputs, tmp / comp, opset, check_inputs, outputs)
+                graph, data_file, variants = _export_vae_variants(spec, module, trace_inputs, tmp / comp, opset)
             else:
                 graph, data_file = export_graph(spec, module, trace_inputs, tmp / comp, opset,
                                                 external=comp in LORA_COMPONENTS)
-            _set_postfix(bar, comp, "parity")
-            parity = check_parity(comp, graph, module, check_inputs, outputs)
-            entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log)
-            if comp == "text_encoder":
-                entries[comp]["token_embedding"] = token_embedding_record(graph, module)
-            if comp in LORA_COMPONENTS:
-                entries[comp]["weight_map"] = _write_weight_map(
-                    loaded[source], graph, [tmp / v["file"] for v in variants.values()],
-                    getattr(module, "unused_weights", set)())
-            log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
-                f"{size / 1e6:9.1f} MB  {entries[comp]['export_s']:.1f} s")
-            for name, v in variants.items():
-                log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
-                    f"({name} variant: {v['file']})")
+            extra = {"token_embedding": token_embedding_record(graph, module)} if comp == "text_encoder" else {}
+            if comp in LORA_COMPONENTS:  # while PyTorch's weights are at hand
+                extra["weight_map"] = _write_weight_map(loaded[source], graph, [p for p, _ in variants.values()],
+                                                        getattr(module, "unused_weights", set)())
+            pair = {}
             if comp == "unet" and cache_branch is not None:
                 _set_postfix(bar, "unet", f"feature-cache pair at branch {cache_branch}")
-                entries.update(_export_feature_cache(
-                    spec, loaded["unet"], cache_branch, trace_inputs, check_inputs, tmp, opset, cpu_variants, log))
+                pair = _export_feature_cache(spec, loaded["unet"], cache_branch, trace_inputs, check_inputs, tmp,
+                                             opset, cpu_variants, log)
+            del module, trace_inputs
+            if source not in (SOURCES[c] for c in comps[i + 1:]):
+                # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
+                # the two never share memory
+                loaded.clear()
+                gc.collect()
+            _set_postfix(bar, comp, "parity")
+            parity = compare(comp, graph, expected, check_inputs, outputs)
+            variants = _checked_variants(comp, variants, data_file, expected, check_inputs, outputs)
+            entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log, **extra)
+            entries.update(pair)
             if comp == "vae_decoder" and tiny_vae is not None:
                 loaded.clear()
                 gc.collect()
@@ -264,6 +272,15 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     finally:
         shutil.rmtree(converted, ignore_errors=True)
     return manifest
+
+
+def _checked_variants(comp: str, variants: dict, data_file: str | None, expected, check_inputs, outputs) -> dict:
+    """The variants an export helper returned ({name: (path, what)}), each compared with PyTorch's outputs."""
+    from sdrt.export.parity import compare
+
+    return {name: _variant_entry(comp, path, data_file, compare(f"{comp} ({what.pop('described')})", path, expected,
+                                                                check_inputs, outputs), **what)
+            for name, (path, what) in variants.items()}
 
 
 def _entry(comp: str, spec, graph: Path, data_file: str | None, parity: dict, variants: dict, t0: float,
@@ -295,7 +312,7 @@ def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inpu
 
     from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW, DeepUNetGraph, ShallowUNetGraph
     from sdrt.export.graphs import GraphSpec, export_graph
-    from sdrt.export.parity import check_parity
+    from sdrt.export.parity import compare, torch_outputs
     from sdrt.export.rewrites import split_geglu
 
     extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
@@ -317,12 +334,13 @@ def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inpu
                     trace[FEATURE] = deep(*trace_inputs.values())[1]
                     check[FEATURE] = deep(*check_inputs.values())[1]
             names = [n for n, _, _ in spec.outputs]
+            expected = torch_outputs(module, check)
             if cpu_variants:
-                graph, data_file, variants = _export_unet_variants(
-                    spec, module, unet, trace, out / comp, opset, check, names, comp)
+                graph, data_file, variants = _export_unet_variants(spec, module, unet, trace, out / comp, opset)
             else:
                 (graph, data_file), variants = export_graph(spec, module, trace, out / comp, opset), {}
-            parity = check_parity(comp, graph, module, check, names)
+            parity = compare(comp, graph, expected, check, names)
+            variants = _checked_variants(comp, variants, data_file, expected, check, names)
             entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log, branch=branch)
     return entries
 
@@ -420,17 +438,16 @@ def _write_weight_map(model, graph: Path, variants: list[Path], unused: set[str]
     return {"file": f"{graph.parent.name}/{WEIGHT_MAP_FILE}", "sha256": sha256_files([path])[0], **summary(record)}
 
 
-def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs,
-                          comp: str = "unet"):
+def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int):
     """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
     MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
-    standard ops (TensorRT, OpenVINO, other providers). Both are checked against PyTorch."""
+    standard ops (TensorRT, OpenVINO, other providers). Returns the portable graph, the data file and the
+    variant to check against PyTorch: {"cpu": (path, what the manifest records of it)}."""
     import onnx
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from sdrt.export.attention import CONTRIB_DOMAIN, expand_attention, fuse_attention
     from sdrt.export.graphs import export_graph
-    from sdrt.export.parity import check_parity
 
     original = unet.attn_processors
     fuse_attention(unet)
@@ -444,19 +461,18 @@ def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset
     plain = out_dir / "model.onnx"
     onnx.save_model(model, str(plain))
     del model
-    parity = check_parity(f"{comp} (fused attention)", fused, module, check_inputs, outputs)
-    return plain, data_file, {"cpu": _variant_entry(comp, fused, data_file, parity,
-                                                    attention="com.microsoft.MultiHeadAttention")}
+    return plain, data_file, {"cpu": (fused, {"described": "fused attention",
+                                              "attention": "com.microsoft.MultiHeadAttention"})}
 
 
-def _export_vae_variants(comp, spec, module, trace_inputs, out_dir: Path, opset: int, check_inputs, outputs):
+def _export_vae_variants(spec, module, trace_inputs, out_dir: Path, opset: int):
     """A VAE graph twice over one weights file: the portable ``model.onnx`` as traced, and ``model.ort.onnx``
-    with each GroupNorm as one LayerNormalization (the CPU backend's graph). Both are checked against PyTorch;
-    a graph without a GroupNorm to rewrite gets no variant."""
+    with each GroupNorm as one LayerNormalization (the CPU backend's graph); a graph without a GroupNorm to
+    rewrite gets no variant. Returns the portable graph, the data file and the variants to check, as
+    ``_export_unet_variants``."""
     import onnx
 
     from sdrt.export.graphs import export_graph
-    from sdrt.export.parity import check_parity
     from sdrt.export.rewrites import groupnorm_as_layernorm
 
     plain, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, external=True)
@@ -467,10 +483,9 @@ def _export_vae_variants(comp, spec, module, trace_inputs, out_dir: Path, opset:
     variant = out_dir / VARIANT_FILE
     onnx.save_model(model, str(variant))
     del model
-    parity = check_parity(f"{comp} (GroupNorm as LayerNormalization)", variant, module, check_inputs, outputs)
-    return plain, data_file, {"cpu": _variant_entry(comp, variant, data_file, parity,
-                                                    groupnorm="LayerNormalization", groupnorms=count,
-                                                    min_onnxruntime=LAYERNORM_BROADCAST_ORT)}
+    return plain, data_file, {"cpu": (variant, {"described": "GroupNorm as LayerNormalization",
+                                                "groupnorm": "LayerNormalization", "groupnorms": count,
+                                                "min_onnxruntime": LAYERNORM_BROADCAST_ORT})}
 
 
 def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, **what) -> dict:

@@ -222,8 +222,6 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch
 
     Returns the graph path and the data file's name (or None when the weights are inside the graph).
     """
-    import onnx
-
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".trace"
     scratch.mkdir()
@@ -236,23 +234,110 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch
             dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=[n for n, _, _ in spec.inputs], output_names=[n for n, _, _ in spec.outputs],
             dynamic_axes=spec.dynamic_axes(), custom_opsets=custom_opsets)
-    # The exporter scatters big models into one file per tensor; gather them into one file (or none).
-    model = onnx.load(str(traced), load_external_data=True)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
     graph_path = out_dir / name
-    if external or weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        data_file = DATA_FILE
-        # onnx writes the data file owner-only; give it the mode the graph beside it got (a deployed engine
-        # directory is often read by another user than the one who exported it)
-        os.chmod(out_dir / DATA_FILE, graph_path.stat().st_mode & 0o777)
-    else:
-        onnx.save_model(model, str(graph_path))
-        data_file = None
-    del model
+    data_file = gather_weights(traced, graph_path, external=external)
     shutil.rmtree(scratch)
     return graph_path, data_file
+
+
+def gather_weights(traced: Path, graph_path: Path, external: bool = False, threshold: int = 1024) -> str | None:
+    """Write the graph at ``traced`` to ``graph_path`` with its weights inside it, or, when they exceed
+    EXTERNAL_DATA_THRESHOLD (or with ``external``), every initializer over ``threshold`` bytes in one
+    external-data file beside it (DATA_FILE); returns that file's name or None.
+
+    Tensor by tensor: the graph is read without its external data, and each weight is copied from wherever the
+    tracer put it (its own file for a model over 2 GiB, or the graph's bytes) into the data file, by the kernel
+    where it can. Memory stays at one graph without weights plus one tensor, however big the model; loading the
+    whole model into one ModelProto would hold every weight a second time beside the PyTorch model's.
+    Each tensor of the data file starts at a multiple of ALIGNMENT, so a runtime can map it in place.
+    """
+    import onnx
+
+    model = onnx.load(str(traced), load_external_data=False)
+    inits = list(model.graph.initializer)
+    if not (external or any(_is_external(t) for t in inits) or sum(_nbytes(t) for t in inits) > EXTERNAL_DATA_THRESHOLD):
+        onnx.save_model(model, str(graph_path))
+        return None
+    data_path = graph_path.parent / DATA_FILE
+    part = data_path.with_name(f".{DATA_FILE}.part-{os.getpid()}")
+    try:
+        with open(part, "wb") as out:
+            for t in inits:
+                if _is_external(t):
+                    info = {e.key: e.value for e in t.external_data}
+                    src = traced.parent / info["location"]
+                    offset = int(info.get("offset") or 0)
+                    length = int(info["length"]) if info.get("length") else src.stat().st_size - offset
+                    start = _pad(out)
+                    with open(src, "rb") as f:
+                        _copy_range(f, out, offset, length)
+                elif t.HasField("raw_data") and len(t.raw_data) > threshold:
+                    start = _pad(out)
+                    length = len(t.raw_data)
+                    out.write(t.raw_data)
+                    t.ClearField("raw_data")
+                else:
+                    continue  # small, or in typed fields (the tracer writes raw bytes): left in the graph
+                del t.external_data[:]
+                for key, value in (("location", DATA_FILE), ("offset", str(start)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                t.data_location = onnx.TensorProto.EXTERNAL
+        onnx.save_model(model, str(graph_path))
+        # give the data file the mode the graph beside it got (a deployed engine directory is often read by
+        # another user than the one who exported it)
+        os.chmod(part, graph_path.stat().st_mode & 0o777)
+        os.replace(part, data_path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return DATA_FILE
+
+
+ALIGNMENT = 4096  # a page: where each tensor of an external-data file starts
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def _is_external(t) -> bool:
+    return t.data_location == 1  # TensorProto.EXTERNAL
+
+
+def _nbytes(t) -> int:
+    count = 1
+    for d in t.dims:
+        count *= d
+    return count * _ITEMSIZE.get(t.data_type, 4)
+
+
+def _pad(out) -> int:
+    """Pad ``out`` to the next multiple of ALIGNMENT; returns the offset."""
+    pos = out.tell()
+    start = -(-pos // ALIGNMENT) * ALIGNMENT
+    if start > pos:
+        out.write(b"\0" * (start - pos))
+    return start
+
+
+def _copy_range(src, dst, offset: int, length: int, chunk: int = 64 * 1024**2) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src`` to the end of ``dst`` (kernel-side where it can)."""
+    dst.flush()
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), length - done, offset + done)
+            if n == 0:
+                break
+            done += n
+    except (AttributeError, OSError):
+        pass  # no copy_file_range (another OS, another filesystem): copy through a buffer
+    dst.seek(0, os.SEEK_END)
+    src.seek(offset + done)
+    while done < length:
+        buf = src.read(min(chunk, length - done))
+        if not buf:
+            raise ValueError(f"{src.name}: shorter than the {length} bytes its graph says it holds")
+        dst.write(buf)
+        done += len(buf)
 
 
 def total_bytes(paths: list[Path]) -> int:

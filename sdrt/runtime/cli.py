@@ -43,7 +43,9 @@ def _cmd_generate(args) -> int:
     req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
                        num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-                       truncate=args.truncate, weighting=not args.no_weighting)
+                       truncate=args.truncate, weighting=not args.no_weighting,
+                       guidance_rescale=args.guidance_rescale, prompt_2=args.prompt_2,
+                       negative_prompt_2=args.negative_prompt_2)
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -66,7 +68,8 @@ def _cmd_generate(args) -> int:
             model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
             strength=req.strength if req.init_image is not None else None,
             extra={**({"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else {}),
-                   **({} if req.weighting else {"Emphasis": "None"})} or None)
+                   **({} if req.weighting else {"Emphasis": "None"}),
+                   **({"Guidance rescale": req.guidance_rescale} if req.guidance_rescale else {})} or None)
         try:
             save_png(image, path, params)
         except OSError as e:
@@ -126,12 +129,19 @@ def add_generate(sub) -> None:
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="what to steer away from (used only with guidance > 1; without it an SDXL model whose "
                         "checkpoint says force_zeros_for_empty_prompt conditions on zeros)")
+    p.add_argument("--prompt-2", default=None, metavar="TEXT",
+                   help="SDXL base: what the second text encoder (OpenCLIP bigG) reads instead of PROMPT")
+    p.add_argument("--negative-prompt-2", default=None, metavar="TEXT",
+                   help="SDXL base: what the second text encoder reads instead of --negative-prompt")
     p.add_argument("--steps", type=int, default=50,
                    help="denoising steps (default 50; few-step models: 1-4, e.g. SD-Turbo and SDXL-Turbo, LCM)")
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale (default 7.5). <= 1 disables it: one UNet pass per step "
                         "instead of two (Turbo models: --guidance 0). An LCM-distilled model takes it as an input "
                         "(its guidance embedding), with one pass per step at any value")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="F",
+                   help="in [0, 1]: rescale the guided prediction to the spread of the text-conditioned one, as "
+                        "diffusers' guidance_rescale (against over-exposure; default 0: off; needs guidance > 1)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     p.add_argument("--scheduler", default=None, metavar="NAME",
                    help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")

@@ -77,6 +77,19 @@ class Request:
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    guidance_rescale: float = 0.0     # diffusers' rescale of the guided prediction's spread (0: none)
+    # SDXL base: what the second text encoder reads instead of the prompts / negative prompts (None: the same)
+    prompts_2: list[str] | None = None
+    negative_prompts_2: list[str] | None = None
+    # SDXL's base + refiner handoff: stop / start that far through the schedule (None: its end / start); the
+    # refiner starts from the base's latents (init_latents, [1 or batch, C, h, w], scaled as the UNet sees them)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    init_latents: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None or self.init_latents is not None
 
     @property
     def batch(self) -> int:
@@ -126,9 +139,11 @@ class Denoising:
     """
 
     def __init__(self, req: Request, sched: Scheduler, state, rng: TorchCPUGenerator, latents: np.ndarray,
-                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None):
+                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
+                 end: int | None = None):
         """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
-        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``."""
+        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
+        the scheduler's step indices ``begin`` to ``end`` (default: its last)."""
         self.req = req
         self.sched = sched
         self.state = state
@@ -137,12 +152,13 @@ class Denoising:
         self.context = context
         self.conditioning = dict(conditioning or {})
         self.begin = begin
+        self.end = len(sched.timesteps) if end is None else end
         self.index = begin  # the next index into sched.timesteps
 
     @property
     def total(self) -> int:
-        """UNet calls this request makes (len(timesteps) - begin: heun and pndm make more than ``steps``)."""
-        return len(self.sched.timesteps) - self.begin
+        """UNet calls this request makes (end - begin: heun and pndm make more than ``steps``)."""
+        return self.end - self.begin
 
     @property
     def completed(self) -> int:
@@ -150,7 +166,7 @@ class Denoising:
 
     @property
     def done(self) -> bool:
-        return self.index >= len(self.sched.timesteps)
+        return self.index >= self.end
 
     @property
     def unet_batch(self) -> int:
@@ -171,9 +187,21 @@ class Denoising:
         if req.guided:
             eps_uncond, eps_text = out_sample[: req.batch], out_sample[req.batch:]
             out_sample = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
+            if req.guidance_rescale > 0:
+                out_sample = rescale_guided(out_sample, eps_text, req.guidance_rescale)
         self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
         self.index += 1
         return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
+
+
+def rescale_guided(guided: np.ndarray, text: np.ndarray, factor: float) -> np.ndarray:
+    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4): give each sample of the guided prediction
+    the standard deviation of the text-conditioned one, mixed with the unrescaled by ``factor``. The deviations
+    are PyTorch's ``std``: over all but the batch axis, with Bessel's correction."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
+    f = np.float32(factor)
+    return (f * (guided * ratio) + (np.float32(1) - f) * guided).astype(np.float32, copy=False)
 
 
 def _shown(value) -> str:
@@ -190,6 +218,16 @@ def _texts(what: str, value) -> list[str]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
     raise UserError(f"{what} {_shown(value)}: must be a string or a non-empty list of strings")
+
+
+def _per_prompt(what: str, value, n: int) -> list[str]:
+    """One text per prompt: a string stands for every prompt, a list must have one per prompt."""
+    texts = _texts(what, value)
+    if isinstance(value, str):
+        return texts * n
+    if len(texts) != n:
+        raise UserError(f"{what}: {len(texts)} for {n} prompts; give one per prompt")
+    return texts
 
 
 def _integer(what: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
@@ -387,7 +425,10 @@ class Pipeline:
                 strength: float | None = None, truncate: bool = False, weighting: bool = True,
                 original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
                 target_size: tuple[int, int] | None = None, aesthetic_score: float = DEFAULT_AESTHETIC_SCORE,
-                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE) -> Request:
+                negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+                guidance_rescale: float = 0.0, prompt_2: str | Sequence[str] | None = None,
+                negative_prompt_2: str | Sequence[str] | None = None, denoising_end: float | None = None,
+                denoising_start: float | None = None, init_latents: np.ndarray | None = None) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -400,21 +441,34 @@ class Pipeline:
         size and crop conditioning (default: the output size, no crop); the refiner's ``aesthetic_score`` and
         ``negative_aesthetic_score``. An SDXL model without a negative prompt conditions its unguided half on
         zeros when its checkpoint says ``force_zeros_for_empty_prompt`` (an empty string is encoded).
+
+        ``guidance_rescale`` in [0, 1]: diffusers' rescale of the guided prediction to the text-conditioned one's
+        standard deviation (against over-exposure, for v-prediction and zero-terminal-SNR models; 0: off). It
+        acts only on guided steps (guidance > 1); otherwise it is ignored with a warning, as diffusers ignores it.
+
+        SDXL base: ``prompt_2`` / ``negative_prompt_2``, what the second text encoder (OpenCLIP bigG) reads instead
+        of ``prompt`` / ``negative_prompt`` (default, or an empty string: the same), as in diffusers. As there,
+        ``negative_prompt_2`` without ``negative_prompt`` on a force_zeros_for_empty_prompt checkpoint still
+        conditions on zeros, and the refiner's one encoder reads ``prompt``: both are warned about.
+
+        SDXL's base + refiner handoff, as diffusers' SDXL pipelines: ``denoising_end`` in (0, 1) stops the base
+        that far through the schedule (its ``Result.latents`` are then still noisy); the refiner, given them as
+        ``init_latents`` (``[1 or batch, C, H/f, W/f]``, scaled as the UNet sees them) and ``denoising_start``
+        at the same fraction, runs the rest of the same schedule without adding noise (``strength`` is then
+        ignored, as there). ``init_latents`` without ``denoising_start`` is img2img from latents at ``strength``.
         """
         for what, flag in (("truncate", truncate), ("weighting", weighting)):
             if not isinstance(flag, bool):
                 raise UserError(f"{what} {_shown(flag)}: must be True or False")
         prompts = _texts("prompt", prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = _texts("negative_prompt", negative_prompt)
-            if isinstance(negative_prompt, str):
-                negatives *= len(prompts)
-            elif len(negatives) != len(prompts):
-                raise UserError(f"negative_prompt: {len(negatives)} for {len(prompts)} prompts; give one per prompt")
+        negatives = [""] * len(prompts) if negative_prompt is None else \
+            _per_prompt("negative_prompt", negative_prompt, len(prompts))
+        # diffusers: `prompt_2 or prompt`, so an empty string is the same as none
+        prompts_2, negatives_2 = (None if v is None or v == "" else _per_prompt(what, v, len(prompts))
+                                  for what, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
         steps = _integer("steps", steps, 1)
         guidance = _number("guidance", guidance, lambda g: g >= 0, "a number >= 0")
+        guidance_rescale = _number("guidance_rescale", guidance_rescale, lambda g: 0 <= g <= 1, "in [0, 1]")
         num_images = _integer("num_images", num_images, 1)
         seed = secrets.randbits(63) if seed is None else _integer("seed", seed, 0, MAX_SEED, "in [0, 2**64)")
         if scheduler is not None and not isinstance(scheduler, str):
@@ -423,15 +477,51 @@ class Pipeline:
         xl_settings = (original_size, tuple(crop), target_size, aesthetic_score, negative_aesthetic_score)
         if not m.xl and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
             raise UserError("original_size, crop, target_size and aesthetic scores: only SDXL models take them")
+        if not m.xl and (prompt_2, negative_prompt_2) != (None, None):
+            raise UserError("prompt_2 and negative_prompt_2: only SDXL models take them (their second text encoder)")
+        if len(m.text_encoders or ()) == 1 and (prompts_2 or negatives_2):
+            logger.warning("prompt_2 and negative_prompt_2 are ignored: this model's one text encoder reads "
+                           "prompt and negative_prompt, as in diffusers")
+            prompts_2 = negatives_2 = None
         for what, pair in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
             if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0
                                                                 for v in pair)):
                 raise UserError(f"{what} {pair!r}: must be two integers >= 0 (height, width / top, left)")
-        if init_image is None and not m.txt2img:
+        denoising = {}
+        for what, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None:
+                if not m.xl:
+                    raise UserError(f"{what}: only SDXL models take it (the base + refiner handoff)")
+                denoising[what] = _number(what, value, lambda v: 0 < v < 1, "in (0, 1)")
+        if len(denoising) == 2 and denoising["denoising_start"] >= denoising["denoising_end"]:
+            raise UserError(f"denoising_start {denoising_start:g}: must be below denoising_end {denoising_end:g}")
+        if init_image is not None and init_latents is not None:
+            raise UserError("init_image and init_latents: give one of them")
+        img2img = init_image is not None or init_latents is not None
+        if not img2img and not m.txt2img:
             raise UserError(f"{self.engine_dir}: this model ({m.family}) only refines an image; give an init image")
+        if "denoising_start" in denoising and not img2img:
+            raise UserError(f"denoising_start {denoising_start:g}: only img2img uses it; give init_latents (the base's "
+                            "latents) or init_image")
         height = None if height is None else self._size("height", height)
         width = None if width is None else self._size("width", width)
-        if init_image is None:
+        strength_asked = strength is not None
+        if init_latents is not None:
+            shape = getattr(init_latents, "shape", None)
+            f, c = m.vae_scale_factor, m.latent_channels
+            if (not isinstance(init_latents, np.ndarray) or init_latents.ndim != 4 or init_latents.dtype.kind != "f"
+                    or shape[1] != c or shape[0] not in (1, len(prompts) * num_images)):
+                raise UserError(f"init_latents {_shown(init_latents)}: expected a float [1 or {len(prompts) * num_images}, "
+                                f"{c}, H/{f}, W/{f}] array (a Result's latents)")
+            lat_h, lat_w = int(shape[2]) * f, int(shape[3]) * f
+            if (height or lat_h, width or lat_w) != (lat_h, lat_w):
+                raise UserError(f"init_latents are of a {lat_w}x{lat_h} image but {width or lat_w}x{height or lat_h} "
+                                "was asked")
+            height, width = lat_h, lat_w
+            init_latents = np.ascontiguousarray(init_latents, dtype=np.float32)
+            strength = _number("strength", DEFAULT_STRENGTH if strength is None else strength,
+                               lambda v: 0 < v <= 1, "in (0, 1]")
+        elif init_image is None:
             if strength is not None:
                 raise UserError(f"strength {_shown(strength)}: only img2img uses it; give init_image, or leave it out")
             strength = 1.0
@@ -458,19 +548,38 @@ class Pipeline:
             height, width = img_h, img_w
         # validates the name (or the config's own class) and the step count
         sched = make_scheduler(scheduler, self.scheduler_config, steps)
-        if init_image is not None:
-            sched.begin_index(strength)  # refuses a strength that leaves no step to run
+        # each refuses a setting that leaves no step to run
+        if "denoising_start" in denoising:
+            if strength_asked:
+                logger.warning("strength is ignored: denoising_start sets where the schedule starts, as in diffusers")
+            begin = sched.start_index(denoising["denoising_start"])
+        else:
+            begin = sched.begin_index(strength) if img2img else 0
+        if "denoising_end" in denoising:
+            sched.end_index(denoising["denoising_end"], begin)
         embedded = bool(m.guidance_embedding_dim)
-        if negative_prompt is not None and any(negatives) and (embedded or not guidance > 1.0):
+        zero_negative = m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt
+        if negatives_2 and zero_negative and guidance > 1.0:
+            logger.warning("negative_prompt_2 is ignored without negative_prompt: this checkpoint conditions the "
+                           "unguided half on zeros (force_zeros_for_empty_prompt), as diffusers does")
+        if ((negative_prompt is not None and any(negatives)) or any(negatives_2 or ())) \
+                and (embedded or not guidance > 1.0):
             # diffusers drops it without a word
             logger.warning("the negative prompt is ignored: %s", "this model takes guidance as an input, with no "
                            "unguided pass" if embedded else f"guidance {guidance:g} <= 1 runs no unguided pass")
+        if guidance_rescale > 0 and (embedded or not guidance > 1.0):
+            logger.warning("guidance_rescale %g is ignored: %s", guidance_rescale,
+                           "this model takes guidance as an input, with no unguided pass" if embedded
+                           else f"guidance {guidance:g} <= 1 runs no unguided pass")
         req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
                       init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
-                      zero_negative=m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt,
+                      zero_negative=zero_negative,
                       original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
                       target_size=None if target_size is None else tuple(target_size),
-                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score))
+                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
+                      guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2,
+                      denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
+                      init_latents=init_latents)
         if self.prompt_reader is not None:
             req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
         return req
@@ -483,10 +592,13 @@ class Pipeline:
         return int(value)
 
     # ---- stages ---------------------------------------------------------------------------------------
-    def text_inputs(self, req: Request) -> list[str]:
+    def text_inputs(self, req: Request, second: bool = False) -> list[str]:
         """The prompts the text encoder reads for ``req``: positives, then negatives when guided (and not
-        zeros instead: SDXL's force_zeros_for_empty_prompt)."""
-        return req.prompts + (req.negative_prompts if req.guided and not req.zero_negative else [])
+        zeros instead: SDXL's force_zeros_for_empty_prompt). ``second``: those SDXL's second encoder reads
+        (``prompt_2`` / ``negative_prompt_2`` where given)."""
+        prompts = (req.prompts_2 or req.prompts) if second else req.prompts
+        negatives = (req.negative_prompts_2 or req.negative_prompts) if second else req.negative_prompts
+        return prompts + (negatives if req.guided and not req.zero_negative else [])
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray | PromptEmbeddings:
         """What :meth:`start` takes as ``texts``: ``encode_prompts`` (SD1/SD2) or ``encode_prompts_xl`` (SDXL)."""
@@ -516,13 +628,17 @@ class Pipeline:
             list(prompts), truncate=truncate, weighting=weighting, max_chunks=self.max_prompt_chunks,
             limit=self._prompt_limit))
 
-    def encode_prompts_xl(self, prompts: Sequence[str]) -> PromptEmbeddings:
-        """SDXL: each encoder reads the prompts with its own tokenizer; their penultimate hidden states are
-        concatenated on the width, the last encoder's pooled projection is the pooled embedding."""
+    def encode_prompts_xl(self, prompts: Sequence[str], prompts_2: Sequence[str] | None = None) -> PromptEmbeddings:
+        """SDXL: each encoder reads the prompts with its own tokenizer (the second of two reads ``prompts_2``
+        where given, one for each of ``prompts``); their penultimate hidden states are concatenated on the width,
+        the last encoder's pooled projection is the pooled embedding."""
+        if prompts_2 is not None and len(prompts_2) != len(prompts):
+            raise UserError(f"prompts_2: {len(prompts_2)} for {len(prompts)} prompts; give one per prompt")
         hidden, pooled = [], None
-        for e in self.model.text_encoders:
+        for i, e in enumerate(self.model.text_encoders):
             comp = e["component"]
-            out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(prompts))})
+            texts = prompts_2 if i == 1 and prompts_2 is not None else prompts
+            out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(texts))})
             for name, value in out.items():
                 _check_finite(comp, value)
             hidden.append(out[e["output"]])
@@ -597,11 +713,15 @@ class Pipeline:
         m = self.model
         rng = TorchCPUGenerator(req.seed)
         sched = req.schedule or make_scheduler(req.scheduler or None, self.scheduler_config, req.steps)
-        begin = sched.begin_index(req.strength) if req.init_image is not None else 0
+        if req.denoising_start is not None:
+            begin = sched.start_index(req.denoising_start)
+        else:
+            begin = sched.begin_index(req.strength) if req.img2img else 0
+        end = None if req.denoising_end is None else sched.end_index(req.denoising_end, begin)
 
         if texts is None:
             t0 = time.perf_counter()
-            texts = (self.encode_prompts_xl(self.text_inputs(req)) if m.xl
+            texts = (self.encode_prompts_xl(self.text_inputs(req), self.text_inputs(req, second=True)) if m.xl
                      else self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req)))
             timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
         if isinstance(texts, PromptEmbeddings):
@@ -614,16 +734,22 @@ class Pipeline:
             conditioning["timestep_cond"] = guidance_embedding(req.guidance, m.guidance_embedding_dim, req.batch)
 
         shape = (req.batch, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
-        if req.init_image is None:
+        if not req.img2img:
             latents = (rng.randn(shape) * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:
-            t0 = time.perf_counter()
-            init = self.encode_image(req.init_image, rng)
-            timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
-            init = np.concatenate([init] * req.batch) if req.batch > 1 else init
-            noise = rng.randn(init.shape)
-            latents = sched.add_noise(init, noise, begin).astype(np.float32)
-        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning)
+            if req.init_latents is not None:
+                init = req.init_latents
+            else:
+                t0 = time.perf_counter()
+                init = self.encode_image(req.init_image, rng)
+                timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
+            init = np.concatenate([init] * req.batch) if req.batch > 1 and len(init) == 1 else init
+            if req.denoising_start is None:
+                noise = rng.randn(init.shape)
+                latents = sched.add_noise(init, noise, begin).astype(np.float32)
+            else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
+                latents = init.astype(np.float32)
+        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end)
 
     def _time_ids(self, req: Request) -> np.ndarray:
         """SDXL's added time ids, [unet_batch, len(model.time_ids)]: sizes, crop and target size (base) or

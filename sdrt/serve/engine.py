@@ -124,7 +124,7 @@ class Job:
         self.tag = tag                         # the API it came through, for the log line
         self.preview_every = preview_every
         self.images = req.batch
-        self.img2img = req.init_image is not None
+        self.img2img = req.img2img
         self.created = time.monotonic()
         self.created_wall = time.time()
         self.deadline = self.created + timeout

@@ -30,8 +30,11 @@ class ImageRequest(BaseModel):
 
     prompt: str
     negative_prompt: str | None = None
+    prompt_2: str | None = Field(default=None, description="SDXL base: what the second text encoder reads instead of prompt")
+    negative_prompt_2: str | None = Field(default=None, description="SDXL base: the second encoder's negative_prompt")
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
+    guidance_rescale: float = Field(default=0.0, description="in [0, 1]: diffusers' guidance_rescale (0: off)")
     seed: int | None = Field(default=None, description="default: random (answered in `seeds`)")
     scheduler: str | None = Field(default=None, description=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
     height: int | None = Field(default=None, description="default: the model's (img2img: the init image's)")

@@ -379,3 +379,56 @@ def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
     write_text_atomic(target, "new")
     assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_weights_the_tracer_scattered_are_gathered_into_one_aligned_file(tmp_path):
+    """A model over 2 GiB comes out of the tracer as one file per tensor; they are streamed into one data file
+    (each tensor page-aligned), without loading the model's weights, and the graph computes the same."""
+    from onnx import numpy_helper
+
+    from sdrt.export import graphs
+
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 48 + 16 * i) if i == 0 else
+                                torch.nn.Linear(48 + 16 * (i - 1), 48 + 16 * i) for i in range(4)])
+    scratch = tmp_path / ".trace"
+    scratch.mkdir()
+    traced = scratch / "model.onnx"
+    torch.onnx.export(net, (torch.randn(2, 64),), str(traced), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}})
+    m = onnx.load(str(traced))
+    onnx.save_model(m, str(traced), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    scattered = [p.name for p in scratch.iterdir() if p.name != "model.onnx"]
+    assert len(scattered) >= 8, scattered  # the tracer's layout: a file per tensor
+    data = graphs.gather_weights(traced, tmp_path / "model.onnx")
+    assert data == graphs.DATA_FILE
+    shutil.rmtree(scratch)
+    out = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in out.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(offsets) >= 8 and all(o % graphs.ALIGNMENT == 0 for o in offsets)
+    loaded = onnx.load(str(tmp_path / "model.onnx"))
+    params = dict(net.named_parameters())
+    matched = [t for t in loaded.graph.initializer if t.name in params]
+    assert len(matched) == len(params)
+    for t in matched:  # every weight's bytes, as torch had them
+        np.testing.assert_array_equal(numpy_helper.to_array(t), params[t.name].detach().numpy())
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    s = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(s.run(None, {"x": x})[0], net(torch.from_numpy(x)).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_truncated_scattered_weight_is_refused(tmp_path):
+    from sdrt.export import graphs
+
+    net = torch.nn.Linear(64, 64)
+    traced = tmp_path / ".trace" / "model.onnx"
+    traced.parent.mkdir()
+    torch.onnx.export(net, (torch.randn(2, 64),), str(traced), dynamo=False)
+    onnx.save_model(onnx.load(str(traced)), str(traced), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    biggest = max((p for p in traced.parent.iterdir() if p.name != "model.onnx"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shorter than"):
+        graphs.gather_weights(traced, tmp_path / "model.onnx")
+    assert not list(tmp_path.glob("*.part-*")) and not (tmp_path / graphs.DATA_FILE).exists()

@@ -178,3 +178,134 @@ def test_unet_inputs_batch_along_the_first_axis(sdxl):
     out = pipe.sessions["unet"].run(joint)["out_sample"]
     alone = pipe.sessions["unet"].run(fb)["out_sample"]
     np.testing.assert_allclose(out[4:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_rescale_guided_is_diffusers_rescale_noise_cfg():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from sdrt.runtime.pipeline import rescale_guided
+
+    rng = np.random.default_rng(0)
+    guided = rng.standard_normal((3, 4, 8, 6), dtype=np.float32) * np.float32([[[[3.0]]], [[[1.0]]], [[[0.5]]]])
+    text = rng.standard_normal((3, 4, 8, 6), dtype=np.float32)
+    for factor in (0.0, 0.7, 1.0):
+        ref = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(text), guidance_rescale=factor).numpy()
+        np.testing.assert_allclose(rescale_guided(guided, text, factor), ref, rtol=1e-5, atol=1e-6)
+    # per sample: each of the three gets the text prediction's spread (with factor 1), not a batch-wide one
+    np.testing.assert_allclose(rescale_guided(guided, text, 1.0).std(axis=(1, 2, 3), ddof=1),
+                               text.std(axis=(1, 2, 3), ddof=1), rtol=1e-5)
+
+
+def test_guidance_rescale_matches_diffusers(sdxl, caplog):
+    import logging
+
+    pipe, settings = sdxl["pipe"], dict(steps=4, guidance=9.0, seed=7, scheduler="euler")
+    plain = pipe.generate(PROMPT, "blurry", **settings).images[0]
+    ours = pipe.generate(PROMPT, "blurry", guidance_rescale=0.7, **settings).images[0]
+    ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4,
+                            guidance_scale=9.0, seed=7, guidance_rescale=0.7)
+    match, moved = images_psnr(ours, ref[0]), images_psnr(ours, plain)
+    assert match >= PSNR_FLOOR_DB
+    # the rescale moved the image (a random tiny UNet reads guidance weakly) far more than sdrt differs from diffusers
+    assert moved < 60 and match > moved + 10, (match, moved)
+    with pytest.raises(UserError, match=r"^guidance_rescale 1\.5: must be in \[0, 1\]$"):
+        pipe.request(PROMPT, guidance_rescale=1.5)
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        pipe.request(PROMPT, guidance=1.0, guidance_rescale=0.5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "guidance_rescale 0.5 is ignored: guidance 1 <= 1 runs no unguided pass"]
+
+
+def test_second_prompts_match_diffusers(sdxl):
+    """prompt_2 / negative_prompt_2 reach the second encoder only, as in diffusers; "" means the same prompt."""
+    pipe, settings = sdxl["pipe"], dict(steps=4, guidance=6.0, seed=11, scheduler="euler")
+    kw = dict(prompt_2="a green square, sharp", negative_prompt_2="noisy, dark")
+    ours = pipe.generate(PROMPT, "blurry", **kw, **settings).images[0]
+    ref = _reference_images(sdxl["txt2img"], "euler", prompt=PROMPT, negative_prompt="blurry", num_inference_steps=4,
+                            guidance_scale=6.0, seed=11, **kw)
+    same = pipe.generate(PROMPT, "blurry", **settings).images[0]
+    match, moved = images_psnr(ours, ref[0]), images_psnr(ours, same)
+    assert match >= PSNR_FLOOR_DB and match > moved + 10, (match, moved)
+    req = pipe.request(PROMPT, "blurry", **kw, **settings)
+    assert pipe.text_inputs(req) == [PROMPT, "blurry"]
+    assert pipe.text_inputs(req, second=True) == [kw["prompt_2"], kw["negative_prompt_2"]]
+    empty = pipe.request(PROMPT, "blurry", prompt_2="", **settings)
+    assert pipe.text_inputs(empty, second=True) == [PROMPT, "blurry"]
+    with pytest.raises(UserError, match=r"^prompt_2: 1 for 2 prompts; give one per prompt$"):
+        pipe.request([PROMPT, PROMPT], prompt_2=["one"])
+
+
+def test_second_prompts_are_sdxl_base_only(sdxl, refiner, sd1_engine, init_image_path, caplog):
+    import logging
+
+    from sdrt.runtime import Pipeline
+
+    with pytest.raises(UserError, match=r"^prompt_2 and negative_prompt_2: only SDXL models take them"):
+        Pipeline(sd1_engine).request(PROMPT, prompt_2="x")
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        req = refiner["pipe"].request(PROMPT, prompt_2="x", init_image=init_image_path, steps=4)
+        assert req.prompts_2 is None
+        # force_zeros_for_empty_prompt: without negative_prompt, diffusers conditions on zeros regardless
+        req = sdxl["pipe"].request(PROMPT, negative_prompt_2="noisy", guidance=6.0)
+        assert req.zero_negative and sdxl["pipe"].text_inputs(req, second=True) == [PROMPT]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "prompt_2 and negative_prompt_2 are ignored", "negative_prompt_2 is ignored without negative_prompt"]
+
+
+def _diffusers_latents_or_images(ref, name, **kw):
+    from sdrt.bench.reference import diffusers_scheduler
+
+    if not hasattr(ref, "sdrt_original_scheduler_config"):
+        ref.sdrt_original_scheduler_config = dict(ref.scheduler.config)
+    ref.scheduler = diffusers_scheduler(name, ref.sdrt_original_scheduler_config)
+    return ref(generator=torch.Generator("cpu").manual_seed(kw.pop("seed")), **kw).images
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "heun"])
+def test_base_then_refiner_hand_off_as_in_diffusers(sdxl, refiner, scheduler):
+    """denoising_end on the base, its latents and denoising_start on the refiner: the same split of one schedule,
+    the same latents and image as diffusers' base(output_type="latent") -> refiner(image=latents)."""
+    steps, split = 8, 0.7
+    settings = dict(steps=steps, guidance=6.0, scheduler=scheduler)
+    base = sdxl["pipe"].generate(PROMPT, "blurry", seed=3, denoising_end=split, **settings)
+    ours = refiner["pipe"].generate(PROMPT, "blurry", seed=4, denoising_start=split, init_latents=base.latents,
+                                    **settings)
+    kw = dict(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=steps, guidance_scale=6.0)
+    ref_latents = _diffusers_latents_or_images(sdxl["txt2img"], scheduler, seed=3, denoising_end=split,
+                                               output_type="latent", **kw).numpy()
+    ref = _diffusers_latents_or_images(refiner["img2img"], scheduler, seed=4, image=torch.from_numpy(base.latents),
+                                       denoising_start=split, output_type="np", **kw)
+    rel = np.linalg.norm(base.latents - ref_latents) / np.linalg.norm(ref_latents)
+    assert rel < 1e-3, rel
+    assert images_psnr(ours.images[0], (ref[0] * 255).round().astype(np.uint8)) >= PSNR_FLOOR_DB
+    # the two runs split the schedule: together they make the UNet calls one full run makes, each some (diffusers'
+    # refiner takes one call more with a second-order scheduler, so that it starts on a whole step)
+    calls = len(sdxl["pipe"].request(PROMPT, **settings).schedule.timesteps) + (scheduler == "heun")
+    base_calls, ref_calls = len(base.timings["unet_step_ms"]), len(ours.timings["unet_step_ms"])
+    assert base_calls >= 1 and ref_calls >= 1 and base_calls + ref_calls == calls, (base_calls, ref_calls, calls)
+
+
+def test_handoff_settings_are_checked(sdxl, refiner, sd1_engine, caplog):
+    import logging
+
+    from sdrt.runtime import Pipeline
+
+    base, ref = sdxl["pipe"], refiner["pipe"]
+    latents = np.zeros((1, 4, 16, 16), np.float32)
+    with pytest.raises(UserError, match=r"^denoising_end: only SDXL models take it"):
+        Pipeline(sd1_engine).request(PROMPT, denoising_end=0.8)
+    with pytest.raises(UserError, match=r"^denoising_end 1\.0: must be in \(0, 1\)$"):
+        base.request(PROMPT, denoising_end=1.0)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.8: only img2img uses it"):
+        base.request(PROMPT, denoising_start=0.8)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.8: must be below denoising_end 0\.5$"):
+        ref.request(PROMPT, init_latents=latents, denoising_start=0.8, denoising_end=0.5)
+    with pytest.raises(UserError, match=r"^init_latents <float32 array of shape \[1, 3, 16, 16\]>: expected"):
+        ref.request(PROMPT, init_latents=np.zeros((1, 3, 16, 16), np.float32), denoising_start=0.8)
+    with pytest.raises(UserError, match=r"^denoising_start 0\.999 with 4 steps leaves no step to run"):
+        ref.request(PROMPT, init_latents=latents, denoising_start=0.999, steps=4)
+    with caplog.at_level(logging.WARNING, logger="sdrt.runtime.pipeline"):
+        req = ref.request(PROMPT, init_latents=latents, denoising_start=0.5, strength=0.3, steps=4)
+    assert (req.height, req.width) == (32, 32) and req.img2img
+    assert [r.getMessage() for r in caplog.records] == [
+        "strength is ignored: denoising_start sets where the schedule starts, as in diffusers"]

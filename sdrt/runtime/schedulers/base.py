@@ -58,6 +58,33 @@ class Scheduler:
             )
         return (n - denoise) * self.order
 
+    def _cutoff(self, fraction: float) -> int:
+        """The training timestep at ``fraction`` of the way from noise to image (diffusers'
+        ``discrete_timestep_cutoff``)."""
+        train = int(self.config["num_train_timesteps"])
+        return int(round(train - fraction * train))
+
+    def start_index(self, denoising_start: float) -> int:
+        """First step index of a pipeline handed latents ``denoising_start`` of the way through (SDXL's refiner
+        after a base run with ``denoising_end``), as diffusers' SDXL Img2Img pipeline computes it: the steps below
+        the cutoff, one more for a second-order scheduler whose count would split a step."""
+        n = int((np.asarray(self.timesteps) < self._cutoff(denoising_start)).sum())
+        if self.order == 2 and n % 2 == 0:
+            n += 1
+        if n < 1:
+            raise UserError(f"denoising_start {denoising_start:g} with {self.num_inference_steps} steps leaves no "
+                            "step to run; lower it or raise the step count")
+        return len(self.timesteps) - n
+
+    def end_index(self, denoising_end: float, begin: int = 0) -> int:
+        """One past the last step index when stopping ``denoising_end`` of the way (diffusers' SDXL pipelines:
+        the steps from ``begin`` whose timestep is at or above the cutoff)."""
+        end = begin + int((np.asarray(self.timesteps[begin:]) >= self._cutoff(denoising_end)).sum())
+        if end <= begin:
+            raise UserError(f"denoising_end {denoising_end:g} with {self.num_inference_steps} steps leaves no step "
+                            "to run; raise it or the step count")
+        return end
+
     def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         """Noise ``original`` to the level the schedule has at step ``i``."""
         raise NotImplementedError
