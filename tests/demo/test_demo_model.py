@@ -55,13 +55,17 @@ def test_the_prompt_reaches_the_picture(shapes_pipeline):
 
 
 def test_the_trained_tiny_vae_draws_what_the_full_one_draws(shapes_pipeline, result, drawn):
-    """The same latents through the tiny decoder trained for this model: the same readings, nearly everywhere."""
+    """The same latents through the tiny decoder trained for this model: the same colors everywhere, and the
+    same shapes but for a square or two read as a circle (its corners come out a little round: over 180
+    pictures it costs 4.4 points of shape accuracy, benchmarks/RESULTS.md; on these 12, two squares)."""
     from sdrt.runtime.images import images_psnr
 
     tiny = shapes_pipeline.decode_latents(result.latents, "vae_decoder_tiny")
     readings = [classify(im) for im in tiny]
-    same = [a == {k: b[k] for k in a} for a, b in
-            zip(({k: d[k] for k in ("background", "object", "shape")} for d in readings), drawn)]
-    assert sum(same) >= len(COMBOS) - 1, list(zip(COMBOS, readings))
-    assert min(images_psnr(a, b) for a, b in zip(tiny, result.images)) > 15  # a picture, not just its labels
+    for (obj, _, bg), got, full in zip(COMBOS, readings, drawn):
+        assert (got["object"], got["background"]) == (full["object"], full["background"]) == (obj, bg)
+    same_shape = [got["shape"] == full["shape"] for got, full in zip(readings, drawn)]
+    assert sum(same_shape) >= len(COMBOS) - 2, list(zip(COMBOS, readings))
+    assert all(got["shape"] == "circle" for got, full, same in zip(readings, drawn, same_shape) if not same)
+    assert min(images_psnr(a, b) for a, b in zip(tiny, result.images)) > 18  # a picture, not just its labels
     np.testing.assert_array_equal(shapes_pipeline.decode_preview(result.latents[:1]), tiny[:1])
