@@ -321,7 +321,7 @@ class Pipeline:
         self.manifest = Manifest.load(engine_dir, verify=verify)
         self.engine_dir = Path(engine_dir)
         self.model = self.manifest.model
-        self.precision = check_precision(precision, backend if isinstance(backend, str) else backend.name)
+        self.precision = check_precision(precision, getattr(backend, "name", backend))  # a bad backend: below
         if isinstance(backend, str):
             if self.precision != "fp32":
                 backend_options = {**(backend_options or {}), "precision": self.precision}
