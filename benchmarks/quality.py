@@ -217,6 +217,12 @@ def _db(x) -> str:
     return "identical" if x is None else f"{x:.1f}"
 
 
+def _psnr_mean_min(r: dict) -> str:
+    """A row's image PSNR against fp32, mean / min (a min of 1e9 or more: identical pictures)."""
+    low = r["image_psnr_db_min"]
+    return f"{_db(r['image_psnr_db_mean'])} / {_db(low if low < 1e9 else None)}"
+
+
 def report(results: Path) -> str:
     """RESULTS.md's tables from the JSON files this script wrote into ``results``."""
     out = []
@@ -231,7 +237,7 @@ def report(results: Path) -> str:
         for r in shapes["modes"]:
             out.append(f"| {r['mode']} | {r['accuracy']:.3f} | {r['points_below_fp32']:.1f} | "
                        f"{r['background_accuracy']:.3f} / {r['object_accuracy']:.3f} / {r['shape_accuracy']:.3f} | "
-                       f"{_db(r['image_psnr_db_mean'])} / {_db(r['image_psnr_db_min'] if r['image_psnr_db_min'] < 1e9 else None)} | "
+                       f"{_psnr_mean_min(r)} | "
                        f"{r['latent_rel_l2_final']:.4f} | {r['denoise_s']:.0f} | {'yes' if r['offered_as_is'] else 'no'} |")
         out += ["", _components(shapes["components"])]
     sd15 = _load(results / "quality_sd15_256.json")
@@ -243,8 +249,7 @@ def report(results: Path) -> str:
                 "|---|---:|---:|"]
         for r in sd15["modes"]:
             e = r["latent_rel_l2_per_step"]
-            out.append(f"| {r['mode']} | {_db(r['image_psnr_db_mean'])} / "
-                       f"{_db(r['image_psnr_db_min'] if r['image_psnr_db_min'] < 1e9 else None)} | "
+            out.append(f"| {r['mode']} | {_psnr_mean_min(r)} | "
                        f"{e[0]:.2e} / {e[len(e) // 2]:.2e} / {e[-1]:.2e} |")
         out += ["", _components(sd15["components"])]
     speed = _load(results / "quality_speed_sd15_512.json")
