@@ -54,13 +54,31 @@ def _load_source(ckpt, source: str, allow_pickle: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from sdrt.export.unmapped import read_weights_into_memory
+
     cls = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
            "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
     kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": torch.float32}
     try:
-        return cls.from_pretrained(ckpt.path / source, **kwargs).eval()
+        model = cls.from_pretrained(ckpt.path / source, **kwargs).eval()
     except (OSError, ValueError) as e:  # e.g. only a variant file (model.fp16.safetensors) is present
         raise UserError(f"{ckpt.path / source}: could not load the weights ({str(e).splitlines()[0]})") from None
+    # in the process's memory rather than mapped from the files, so that rewriting a weight frees the original
+    read_weights_into_memory(model, ckpt.path / source)
+    return model
+
+
+def _release_memory() -> None:
+    """Collect garbage and give freed heap memory back to the system. Weights below glibc's mmap threshold
+    (which rises to 32 MiB as big blocks are freed) live on the heap, where free() keeps them: without the
+    trim, the process held the full-size SDXL UNet's 10 GiB through the VAE's export after freeing it."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 def _tool_versions(opset: int) -> dict:
@@ -200,7 +218,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             source = SOURCES[comp]
             if source not in loaded:
                 loaded.clear()
-                gc.collect()
+                _release_memory()
                 loaded[source] = _load_source(ckpt, source, allow_pickle)
                 fuse_loras(loaded[source], source, lora_files)
             spec = specs[comp]
@@ -238,7 +256,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
                 # the two never share memory
                 loaded.clear()
-                gc.collect()
+                _release_memory()
             _set_postfix(bar, comp, "parity")
             parity = compare(comp, graph, expected, check_inputs, outputs)
             variants = _checked_variants(comp, variants, data_file, expected, check_inputs, outputs)
@@ -246,7 +264,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             entries.update(pair)
             if comp == "vae_decoder" and tiny_vae is not None:
                 loaded.clear()
-                gc.collect()
+                _release_memory()
                 entries.update(_export_tiny_vae(tiny_vae, spec, numbers, trace_shape, check_shape, vocab, tmp,
                                                 opset, allow_pickle, log))
         loaded.clear()

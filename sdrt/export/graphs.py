@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from sdrt.export.rewrites import linear_as_matmul
+
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external-data file.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 DATA_FILE = "model.onnx.data"
@@ -226,7 +228,9 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, args: dict[str, torch
     scratch = out_dir / ".trace"
     scratch.mkdir()
     traced = scratch / "model.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
+    # Linear weights stored transposed while tracing: otherwise the exporter folds a transposed copy of each
+    # beside the model's own (sdrt.export.rewrites)
+    with torch.no_grad(), warnings.catch_warnings(), linear_as_matmul(module):
         # Tracer warnings are about Python-side shape checks that the dynamic axes cover.
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -14,6 +14,15 @@ measures them; ``benchmarks/RESULTS.md`` has the figures). The parity gate check
   [groups, C/groups, 1] (unidirectional broadcasting, as the ONNX spec allows), does the normalization and
   the affine in one kernel. ONNX Runtime supports that broadcast from 1.24 on; TensorRT and OpenVINO keep
   reading the portable graph, so only the CPU variant uses it.
+
+And one form for memory, not speed:
+
+- **Linear weights stored transposed while tracing** (torch level, every graph). The exporter writes a Linear
+  over 3-D tokens as MatMul(x, Transpose(W)) and constant-folds the Transpose into a new tensor, while the
+  model still holds W: every such weight is in memory twice until the export ends. For the full-size SDXL
+  UNet (2.6B parameters, most of them in Linears) that was ~7 GiB over the model's own 10 GiB.
+  ``linear_as_matmul`` keeps each weight as W^T (one tensor at a time, so memory never grows by more than
+  one weight) and runs the MatMul and Add the exporter would have written, with nothing left to fold.
 """
 
 from __future__ import annotations
@@ -22,30 +31,95 @@ import contextlib
 import types
 
 import torch
-import torch.nn.functional as F
 
 
 def _split_geglu_forward(self, hidden_states, *args, **kwargs):
-    w, b = self.proj.weight, self.proj.bias
-    half = w.shape[0] // 2  # chunk(2, dim=-1) order: the first half is the value, the second the gate
-    value = F.linear(hidden_states, w[:half], None if b is None else b[:half])
-    gate = F.linear(hidden_states, w[half:], None if b is None else b[half:])
+    proj = self.proj
+    b = proj.bias
+    half = proj.value_t.shape[1]  # chunk(2, dim=-1) order: the first half is the value, the second the gate
+    value = torch.matmul(hidden_states, proj.value_t)
+    gate = torch.matmul(hidden_states, proj.gate_t)
+    if b is not None:
+        value, gate = value + b[:half], gate + b[half:]
     return value * self.gelu(gate)
+
+
+def _param(value: torch.Tensor, like: torch.nn.Parameter) -> torch.nn.Parameter:
+    return torch.nn.Parameter(value, requires_grad=like.requires_grad)
 
 
 @contextlib.contextmanager
 def split_geglu(model: torch.nn.Module):
-    """Within the block, every diffusers ``GEGLU`` of ``model`` runs as two matrix products; yields how many."""
+    """Within the block, every diffusers ``GEGLU`` of ``model`` runs as two matrix products over the two halves
+    of its projection, each stored transposed (``proj.value_t``, ``proj.gate_t``: what the exported MatMuls
+    read, so the exporter folds no copy of them); yields how many. The weights are put back as they were."""
     from diffusers.models.activations import GEGLU
 
-    patched = [m for m in model.modules() if type(m) is GEGLU]
-    for m in patched:
-        m.forward = types.MethodType(_split_geglu_forward, m)
+    patched = []
     try:
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m) is not GEGLU or "weight" not in m.proj._parameters:
+                    continue
+                w = m.proj._parameters.pop("weight")
+                half = w.shape[0] // 2
+                m.proj.register_parameter("value_t", _param(w[:half].t().contiguous(), w))
+                m.proj.register_parameter("gate_t", _param(w[half:].t().contiguous(), w))
+                patched.append((m, w.requires_grad))
+                del w
+                m.forward = types.MethodType(_split_geglu_forward, m)
         yield len(patched)
     finally:
-        for m in patched:
-            del m.forward  # back to the class's forward
+        with torch.no_grad():
+            for m, grad in patched:
+                del m.forward  # back to the class's forward
+                value, gate = m.proj._parameters.pop("value_t"), m.proj._parameters.pop("gate_t")
+                m.proj.register_parameter("weight", torch.nn.Parameter(
+                    torch.cat([value.t(), gate.t()]), requires_grad=grad))
+                del value, gate
+
+
+def _matmul_forward(self, x):
+    y = torch.matmul(x, self.weight_t)
+    return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def linear_as_matmul(model: torch.nn.Module):
+    """Within the block, every ``torch.nn.Linear`` of ``model`` holds its weight transposed (``weight_t``) and
+    runs ``x @ weight_t + bias``; yields how many. ``.weight`` still reads as the (transposed view of the)
+    weight for code that asks its shape or dtype. A weight shared by several Linears stays shared. On exit
+    each weight is a parameter of its original layout again, with the same values.
+
+    Linears already rewritten (a split GEGLU's projection) are left alone."""
+    groups: dict[int, list] = {}  # the Linears of each weight, found while every weight is alive
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and "weight" in m._parameters:
+            groups.setdefault(id(m._parameters["weight"]), []).append(m)
+    patched = []
+    try:
+        with torch.no_grad():
+            for mods in groups.values():
+                w = mods[0]._parameters["weight"]
+                wt = _param(w.t().contiguous(), w)
+                for m in mods:
+                    del m._parameters["weight"]
+                    m.register_parameter("weight_t", wt)
+                    m.__dict__["weight"] = wt.t()
+                    m.forward = types.MethodType(_matmul_forward, m)
+                patched.append((mods, w.requires_grad))
+                del w, wt  # the original is freed here, before the next one is copied
+        yield sum(len(mods) for mods, _ in patched)
+    finally:
+        groups.clear()
+        with torch.no_grad():
+            for mods, grad in patched:
+                wt = mods[0]._parameters["weight_t"]
+                w = torch.nn.Parameter(wt.t().contiguous(), requires_grad=grad)
+                for m in mods:
+                    del m.forward, m.__dict__["weight"], m._parameters["weight_t"]
+                    m.register_parameter("weight", w)
+                del w, wt
 
 
 def groupnorm_as_layernorm(model) -> int:

@@ -1,0 +1,65 @@
+"""Weights read into the process's memory (sdrt/export/unmapped.py): same values, file mappings released."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from sdrt.export.unmapped import read_weights_into_memory, safetensors_index  # noqa: E402
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps ``path`` (its weights are views of the file)."""
+    return any(line.rstrip().endswith(str(path.resolve())) for line in open("/proc/self/maps"))
+
+
+def test_unet_weights_are_read_into_memory_and_the_mapping_is_released(sd1_model):
+    from diffusers import UNet2DConditionModel
+
+    folder = sd1_model / "unet"
+    file = next(folder.glob("*.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+    assert _mapped(file), "diffusers maps safetensors (what this module works around)"
+    reference = {k: v.clone() for k, v in unet.state_dict().items()}
+    params = {k: id(p) for k, p in unet.named_parameters()}
+    n = read_weights_into_memory(unet, folder)
+    assert not _mapped(file), "every weight replaced: the file's mapping is gone"
+    start, index = safetensors_index(file)
+    assert n == sum(e["data_offsets"][1] - e["data_offsets"][0] for e in index.values()) > 0
+    state = unet.state_dict()
+    assert sorted(state) == sorted(reference)
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+    assert {k: id(p) for k, p in unet.named_parameters()} == params, "the same Parameter objects, new storage"
+
+
+def test_half_precision_files_are_converted_and_foreign_names_left_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        half = {"0.weight": torch.randn(3, 4).half(), "0.bias": torch.randn(3).half(),
+                "1.weight": torch.randn(5, 5).half(),  # a shape the model does not have: left alone
+                "unknown": torch.randn(2).half()}
+    save_file(half, tmp_path / "model.safetensors")
+    before = net[1].weight.clone()
+    n = read_weights_into_memory(net, tmp_path)
+    assert n == (12 + 3) * 2
+    assert net[0].weight.dtype == torch.float32
+    assert torch.equal(net[0].weight, half["0.weight"].float())
+    assert torch.equal(net[0].bias, half["0.bias"].float())
+    assert torch.equal(net[1].weight, before)
+
+
+def test_a_cut_short_file_is_an_error_naming_the_weight(tmp_path):
+    from safetensors.torch import save_file
+
+    net = torch.nn.Linear(64, 64)
+    save_file({"weight": torch.randn(64, 64), "bias": torch.randn(64)}, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-100])
+    with pytest.raises(OSError, match="cut short"):
+        read_weights_into_memory(net, tmp_path)
