@@ -41,8 +41,8 @@ base-install-check: venv
 sd15-export: venv
 	$(PY) benchmarks/export_sd15.py
 
-# The full-size SDXL base architecture (random weights): the same (peak RSS measured 17.6 GiB, over the 16 GiB
-# target; needs ~28 GB of disk).
+# The full-size SDXL base architecture (random weights): the same (peak RSS measured 11.7 GiB; needs ~28 GB
+# of disk).
 sdxl-export: venv
 	$(PY) benchmarks/export_sdxl.py
 
