@@ -112,7 +112,6 @@ def linear_as_matmul(model: torch.nn.Module):
                 del w, wt  # the original is freed here, before the next one is copied
         yield sum(len(mods) for mods, _ in patched)
     finally:
-        groups.clear()
         with torch.no_grad():
             for mods, grad in patched:
                 wt = mods[0]._parameters["weight_t"]

@@ -9,7 +9,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from sdrt.export.unmapped import read_weights_into_memory, safetensors_index  # noqa: E402
+from sdrt.errors import UserError  # noqa: E402
+from sdrt.export.unmapped import loaded_files, read_weights_into_memory  # noqa: E402
+from sdrt.runtime.safetensors_file import SafetensorsFile  # noqa: E402
 
 
 def _mapped(path: Path) -> bool:
@@ -28,7 +30,7 @@ def test_unet_weights_are_read_into_memory_and_the_mapping_is_released(sd1_model
     params = {k: id(p) for k, p in unet.named_parameters()}
     n = read_weights_into_memory(unet, folder)
     assert not _mapped(file), "every weight replaced: the file's mapping is gone"
-    start, index = safetensors_index(file)
+    index = SafetensorsFile(file).header
     assert n == sum(e["data_offsets"][1] - e["data_offsets"][0] for e in index.values()) > 0
     state = unet.state_dict()
     assert sorted(state) == sorted(reference)
@@ -61,5 +63,21 @@ def test_a_cut_short_file_is_an_error_naming_the_weight(tmp_path):
     save_file({"weight": torch.randn(64, 64), "bias": torch.randn(64)}, tmp_path / "m.safetensors")
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "m.safetensors").write_bytes(data[:-100])
-    with pytest.raises(OSError, match="cut short"):
+    with pytest.raises(UserError, match="truncated") as e:
         read_weights_into_memory(net, tmp_path)
+    assert "'weight'" in str(e.value) or "'bias'" in str(e.value), "the error names the tensor"
+
+
+def test_variant_files_beside_the_weights_are_not_read(tmp_path):
+    """from_pretrained without a variant reads model.safetensors (or its shards), never model.fp16.*: their
+    values, rounded to fp16, must not replace the ones it loaded, whatever order the names sort in."""
+    from safetensors.torch import save_file
+
+    net = torch.nn.Linear(8, 8)
+    full = {"weight": torch.randn(8, 8) / 3, "bias": torch.randn(8) / 3}
+    save_file(full, tmp_path / "model-00001-of-00002.safetensors")
+    for name in ("model.fp16.safetensors", "model.fp16-00001-of-00002.safetensors"):
+        save_file({k: v.half() for k, v in full.items()}, tmp_path / name)
+    assert [p.name for p in loaded_files(tmp_path)] == ["model-00001-of-00002.safetensors"]
+    read_weights_into_memory(net, tmp_path)
+    assert torch.equal(net.weight, full["weight"]) and torch.equal(net.bias, full["bias"])
