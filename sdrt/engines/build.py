@@ -35,6 +35,7 @@ from sdrt.engines.cache import cache_key, find_entry, stale_reason
 from sdrt.engines.parity import Verdict, check_engine
 from sdrt.engines.profiles import DEFAULT_PROMPT_CHUNKS, ShapeRequest, component_profiles, make_request
 from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.families import family_class
 from sdrt.runtime.manifest import COMPONENTS, Manifest
 
 PRECISIONS = ("fp16", "fp32")
@@ -77,7 +78,7 @@ def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components:
         # diffusers reads force_upcast in its SDXL pipelines only (SD1/SD2 VAEs run in fp16 there; the
         # parity gate still catches one that overflows)
         if precision == "fp16" and comp.startswith("vae") and model.get("force_upcast") \
-                and model.get("family", "sd") != "sd":
+                and family_class(model.get("family")).vae_upcast:
             tiers = FP32_TIERS
             reason = VAE_FP32_REASON
         jobs.append(BuildJob(comp, precision, profiles, key, cached, tiers, reason, refittable))

@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import UserError
+from sdrt.runtime.families import Family, family_class
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentConsistencyModelPipeline",
                        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-# family -> the text encoders (component, tokenizer folder) it has, in the order their outputs are concatenated
-TEXT_ENCODERS = {
-    "sd": (("text_encoder", "tokenizer"),),
-    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
-    "sdxl-refiner": (("text_encoder_2", "tokenizer_2"),),
-}
 # SDXL's added time ids, in the order diffusers' _get_add_time_ids lists them
 TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 TIME_IDS_AESTHETIC = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
@@ -43,7 +38,7 @@ class Checkpoint:
 
     path: Path
     model_index: dict[str, Any]
-    family: str                      # "sd" (SD1/SD2, their Turbo and LCM forms), "sdxl", "sdxl-refiner"
+    family: str                      # sdrt.runtime.families: "sd" (SD1/SD2, Turbo, LCM), "sdxl", "sdxl-refiner"
     text_configs: dict[str, dict]    # text encoder component -> its config
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
@@ -55,8 +50,14 @@ class Checkpoint:
         return next(iter(self.text_configs.values()))
 
     @property
+    def adapter(self) -> type[Family]:
+        """The family's adapter (sdrt.runtime.families): its text encoders, UNet conditioning and numbers."""
+        return family_class(self.family)
+
+    @property
     def text_encoders(self) -> tuple[tuple[str, str], ...]:
-        return TEXT_ENCODERS[self.family]
+        """(component, tokenizer folder) of each text encoder, in the order their outputs are concatenated."""
+        return self.adapter.text_encoders
 
     @classmethod
     def open(cls, model_dir: str | Path, allow_pickle: bool = False) -> "Checkpoint":
@@ -70,7 +71,7 @@ class Checkpoint:
                 "(a single-file checkpoint is given as the .safetensors file itself)")
         index = _read_json(index_path)
         family = cls._family(path, index)
-        text_encoders = TEXT_ENCODERS[family]
+        text_encoders = family_class(family).text_encoders
         folders = [f for pair in text_encoders for f in pair] + ["unet", "vae", "scheduler"]
         missing = [c for c in folders if not (path / c).is_dir()]
         if missing:
@@ -106,7 +107,7 @@ class Checkpoint:
 
     def _refuse_unsupported_unet(self) -> None:
         u, v = self.unet_config, self.vae_config
-        wanted = "text_time" if self.family != "sd" else None
+        wanted = self.adapter.addition_embed_type
         if u.get("addition_embed_type") != wanted:
             raise UserError(
                 f"{self.path}/unet: addition_embed_type={u.get('addition_embed_type')!r} with "
@@ -184,13 +185,13 @@ class Checkpoint:
             "prediction_type": s.get("prediction_type", "epsilon"),
             "scheduler_class": s.get("_class_name", ""),
             "family": self.family,
-            "txt2img": self.family != "sdxl-refiner",
+            "txt2img": self.adapter.txt2img,
             # diffusers' flag for a VAE that overflows in fp16 (SDXL's): TensorRT builds it in fp32
             "force_upcast": bool(v.get("force_upcast", True)),
             # an LCM-distilled UNet: guidance goes into this embedding (timestep_cond), not a second UNet pass
             "guidance_embedding_dim": (int(u["time_cond_proj_dim"]) if u.get("time_cond_proj_dim") else None),
         }
-        if self.family != "sd":
+        if "time_ids" in self.adapter.unet_conditioning:
             numbers.update(self._sdxl_numbers(encoders))
         return numbers
 

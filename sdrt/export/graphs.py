@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from sdrt.export.rewrites import linear_as_matmul
+from sdrt.runtime.families import family_class
 
 # ONNX protobufs cannot exceed 2 GiB; above this the weights go to one external-data file.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -104,15 +105,14 @@ SOURCES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "
 
 def unet_extra_inputs(numbers: dict) -> tuple[str, ...]:
     """The UNet's inputs after sample, timestep, encoder_hidden_states, for this model."""
-    extra = ("text_embeds", "time_ids") if numbers.get("family", "sd") != "sd" else ()
+    extra = family_class(numbers.get("family")).unet_conditioning
     return extra + (("timestep_cond",) if numbers.get("guidance_embedding_dim") else ())
 
 
 def graph_io(component: str, numbers: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(input names, output names) of ``component``: the engine directory's contract."""
-    xl = numbers.get("family", "sd") != "sd"
     if component.startswith("text_encoder"):
-        if not xl:
+        if not family_class(numbers.get("family")).penultimate_text:
             return ("input_ids",), ("last_hidden_state", "pooler_output")
         pooled = component == "text_encoder_2"
         return ("input_ids",), ("penultimate_hidden_state",) + (("text_embeds",) if pooled else ())
@@ -127,7 +127,7 @@ def graph_module(component: str, models: dict, numbers: dict) -> torch.nn.Module
     """The traced module of ``component``, wrapping ``models`` (SOURCES' values -> module)."""
     model = models[SOURCES[component]]
     if component.startswith("text_encoder"):
-        if numbers.get("family", "sd") == "sd":
+        if not family_class(numbers.get("family")).penultimate_text:
             return TextEncoderGraph(model)
         return PenultimateTextEncoderGraph(model, pooled=component == "text_encoder_2")
     if component == "unet":

@@ -96,7 +96,7 @@ def mode_options(args) -> dict:
     return {"precision": args.precision, "cache_interval": args.cache_interval, "vae": args.vae}
 
 
-def add_mode_options(p, serve: bool = False) -> None:
+def add_mode_options(p) -> None:
     """--precision, --cache-interval, --vae: the same names in generate, bench and serve."""
     from sdrt.runtime.pipeline import VAES
     from sdrt.runtime.precision import PRECISIONS
@@ -104,11 +104,10 @@ def add_mode_options(p, serve: bool = False) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default; exact parity) or bf16: the UNet and text encoder in bf16 on the openvino "
                         "backend, VAE fp32; needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX), refused elsewhere")
-    if not serve:
-        p.add_argument("--cache-interval", type=int, default=None, metavar="N",
-                       help="feature caching across steps: the full UNet every N UNet evaluations, the shallow UNet on "
-                            "its cached deep feature between (needs `sdrt export --cache-branch`; default off). "
-                            "Quality cost per N: README")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="feature caching across steps: the full UNet every N UNet evaluations, the shallow UNet on "
+                        "its cached deep feature between (needs `sdrt export --cache-branch`; default off). "
+                        "Quality cost per N: README")
     p.add_argument("--vae", default="full", choices=VAES,
                    help="decoder of the final images: full (default) or tiny (the AutoencoderTiny decoder from "
                         "`sdrt export --tiny-vae`). Previews use the tiny one whenever the engine has it")

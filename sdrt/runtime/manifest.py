@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import UserError
+from sdrt.runtime.families import family_class
 from sdrt.runtime.files import write_text_atomic
 
 MANIFEST_NAME = "sdrt.json"
@@ -96,7 +97,6 @@ MODEL_KEYS = (
     "pad_token", "pad_token_id", "prediction_type", "scheduler_class",
 )
 
-FAMILIES = ("sd", "sdxl", "sdxl-refiner")
 SDXL_MODEL_KEYS = ("text_encoders", "pooled_dim", "time_ids", "force_zeros_for_empty_prompt")
 OPTIONAL_MODEL_KEYS = ("family", "txt2img", "force_upcast", "guidance_embedding_dim") + SDXL_MODEL_KEYS
 
@@ -135,23 +135,18 @@ class ModelNumbers:
         if missing:
             raise UserError(f"manifest 'model' section lacks {', '.join(missing)}")
         optional = {k: d[k] for k in OPTIONAL_MODEL_KEYS if k in d}
-        if optional.get("family", "sd") not in FAMILIES:
-            raise UserError(f"manifest model family {optional['family']!r}: this sdrt reads {', '.join(FAMILIES)}")
-        if optional.get("family", "sd") != "sd":
-            lacking = [k for k in SDXL_MODEL_KEYS if k not in d]
-            if lacking:
-                raise UserError(f"manifest 'model' section of an SDXL model lacks {', '.join(lacking)}")
-            optional["text_encoders"] = tuple(d["text_encoders"])
-            optional["time_ids"] = tuple(d["time_ids"])
+        family = family_class(optional.get("family"))
+        lacking = [k for k in family.model_keys if k not in d]
+        if lacking:
+            raise UserError(f"manifest 'model' section of a {family.name} model lacks {', '.join(lacking)}")
+        for key in ("text_encoders", "time_ids"):
+            if key in optional:
+                optional[key] = tuple(optional[key])
         return cls(**{k: d[k] for k in MODEL_KEYS}, **optional)
 
     @property
-    def xl(self) -> bool:
-        return self.family != "sd"
-
-    @property
     def text_encoder_components(self) -> tuple[str, ...]:
-        return tuple(e["component"] for e in self.text_encoders) if self.xl else ("text_encoder",)
+        return family_class(self.family).text_components()
 
 
 def sha256_files(paths: list[Path], chunk: int = 1 << 24) -> tuple[str, int]:

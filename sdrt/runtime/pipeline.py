@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from sdrt.errors import SdrtWarning, StageError, UserError
+from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.backends import Backend, get_backend
+from sdrt.runtime.denoising import Denoising, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
+from sdrt.runtime.families import PromptEmbeddings, check_finite, family_of, text_inputs  # noqa: F401
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import TINY_VAE, Manifest
 from sdrt.runtime.modes import unoffered
 from sdrt.runtime.precision import check_precision
-from sdrt.runtime.prompts import PromptReader, PromptTokens
+from sdrt.runtime.prompts import PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
-from sdrt.runtime.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -102,106 +103,11 @@ class Request:
 
 
 @dataclass
-class PromptEmbeddings:
-    """SDXL's text conditioning for a list of prompts: both encoders' penultimate hidden states side by side
-    [n, L, width] and the second encoder's pooled, projected embedding [n, pooled_dim]."""
-
-    context: np.ndarray
-    pooled: np.ndarray
-
-
-@dataclass
-class Step:
-    """Yielded after each denoising step: the latents, for progress bars and previews."""
-
-    index: int          # 0-based, counting only the steps this call runs
-    total: int
-    timestep: float
-    latents: np.ndarray
-
-
-@dataclass
 class Result:
     images: list[np.ndarray]                # each [H, W, 3] uint8
     request: Request
     latents: np.ndarray                     # final latents before decoding (scaled, as the UNet sees them)
     timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
-
-
-class Denoising:
-    """One request's denoising loop, a step at a time: ``unet_inputs()``, run the UNet, ``advance(out)``.
-
-    It holds the per-call state (scheduler state, generator, latents, text embeddings) and nothing of the
-    Pipeline, so a caller may run the UNet on the inputs of several requests concatenated along the batch
-    axis (every input's first axis is the batch) and hand each its own slice of the output: this is what the
-    serving engine does. Each request keeps its own scheduler, guidance and random draws, so its result does
-    not depend on what it was batched with.
-    """
-
-    def __init__(self, req: Request, sched: Scheduler, state, rng: TorchCPUGenerator, latents: np.ndarray,
-                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
-                 end: int | None = None):
-        """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
-        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
-        the scheduler's step indices ``begin`` to ``end`` (default: its last)."""
-        self.req = req
-        self.sched = sched
-        self.state = state
-        self.rng = rng
-        self.latents = latents
-        self.context = context
-        self.conditioning = dict(conditioning or {})
-        self.begin = begin
-        self.end = len(sched.timesteps) if end is None else end
-        self.index = begin  # the next index into sched.timesteps
-
-    @property
-    def total(self) -> int:
-        """UNet calls this request makes (end - begin: heun and pndm make more than ``steps``)."""
-        return self.end - self.begin
-
-    @property
-    def completed(self) -> int:
-        return self.index - self.begin
-
-    @property
-    def done(self) -> bool:
-        return self.index >= self.end
-
-    @property
-    def unet_batch(self) -> int:
-        """Samples this request adds to a UNet call (twice its images when guided)."""
-        return self.req.batch * (2 if self.req.guided else 1)
-
-    def unet_inputs(self) -> dict[str, np.ndarray]:
-        x = self.sched.scale_model_input(self.latents, self.index).astype(np.float32)
-        x = np.concatenate([x, x]) if self.req.guided else x
-        t = np.full((x.shape[0],), self.sched.timesteps[self.index], dtype=np.float32)
-        return {"sample": x, "timestep": t, "encoder_hidden_states": self.context, **self.conditioning}
-
-    def advance(self, out_sample: np.ndarray) -> Step:
-        """Take this request's UNet output (``unet_batch`` samples) and step its scheduler."""
-        k, i = self.completed, self.index
-        _check_finite("unet", out_sample, f" at step {k + 1} of {self.total}")
-        req = self.req
-        if req.guided:
-            eps_uncond, eps_text = out_sample[: req.batch], out_sample[req.batch:]
-            out_sample = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
-            if req.guidance_rescale > 0:
-                out_sample = rescale_guided(out_sample, eps_text, req.guidance_rescale)
-        self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
-        self.index += 1
-        return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
-
-
-def rescale_guided(guided: np.ndarray, text: np.ndarray, factor: float) -> np.ndarray:
-    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4): give each sample of the guided prediction
-    the standard deviation of the text-conditioned one, mixed with the unrescaled by ``factor``. The deviations
-    are PyTorch's ``std``: over all but the batch axis, with Bessel's correction."""
-    axes = tuple(range(1, guided.ndim))
-    ratio = text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
-    f = np.float32(factor)
-    return (f * (guided * ratio) + (np.float32(1) - f) * guided).astype(np.float32, copy=False)
 
 
 def _shown(value) -> str:
@@ -252,47 +158,6 @@ def _is_image_source(value) -> bool:
     return pil is not None and isinstance(value, pil.Image)
 
 
-def _guidance_batch(req: Request, texts: np.ndarray) -> np.ndarray:
-    """Per-image rows of ``texts`` (the prompts', then the negatives' when encoded) in the UNet's batch
-    order: [negatives, positives] when guided (diffusers' order), zeros for SDXL's zeroed negatives."""
-    n = len(req.prompts)
-    cond = np.repeat(texts[:n], req.num_images, axis=0)
-    if not req.guided:
-        return cond
-    uncond = np.zeros_like(cond) if req.zero_negative else np.repeat(texts[n:], req.num_images, axis=0)
-    return np.concatenate([uncond, cond])
-
-
-def _time_id_row(names: Sequence[str], values: dict, aesthetic_score: float) -> np.ndarray:
-    table = {"original_height": values["original"][0], "original_width": values["original"][1],
-             "crop_top": values["crop"][0], "crop_left": values["crop"][1],
-             "target_height": values["target"][0], "target_width": values["target"][1],
-             "aesthetic_score": aesthetic_score}
-    return np.array([table[n] for n in names], dtype=np.float32)
-
-
-def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
-    """An LCM-distilled UNet's ``timestep_cond``: a sinusoidal embedding of (guidance - 1) * 1000, [batch, dim]
-    float32 (diffusers' get_guidance_scale_embedding, after VDM's; float32 as torch computes it)."""
-    f32 = np.float32
-    w = f32(guidance - 1) * f32(1000.0)
-    half = dim // 2
-    step = f32(np.log(f32(10000.0))) / f32(half - 1)
-    # exp, sin and cos correctly rounded to float32 (in float64, then rounded): numpy's float32 SIMD versions
-    # are an ulp off in places, which the angles, up to (guidance - 1) * 1000, amplify
-    freqs = np.exp((np.arange(half, dtype=f32) * -step).astype(np.float64)).astype(f32)
-    angles = (w * freqs).astype(np.float64)
-    emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(f32)
-    if dim % 2:
-        emb = np.concatenate([emb, np.zeros(1, dtype=f32)])
-    return np.tile(emb, (batch, 1))
-
-
-def _check_finite(stage: str, array: np.ndarray, detail: str = "") -> None:
-    if not np.isfinite(array).all():
-        raise StageError(f"{stage} produced NaN or inf{detail}; the engine or its precision is broken for these inputs")
-
-
 class Pipeline:
     """Load an engine directory once; call :meth:`generate` (or iterate :meth:`steps`) from any thread."""
 
@@ -339,21 +204,10 @@ class Pipeline:
             warnings.warn(unoffered(cache_interval, vae), SdrtWarning, stacklevel=2)
         self.vae = vae
         self.backend = get_backend(backend, **(backend_options or {}))
-        if self.model.xl:  # each encoder with its own tokenizer (their pad tokens differ)
-            self.tokenizers = {e["component"]: CLIPTokenizer.from_dir(
-                self.engine_dir / e["tokenizer"], max_length=e["max_length"], pad_token_id=e["pad_token_id"])
-                for e in self.model.text_encoders}
-            self.tokenizer = next(iter(self.tokenizers.values()))
-            if embeddings:
-                raise UserError("embeddings: textual inversion is not supported for SDXL models yet")
-            self._initializers, vectors = {}, {}
-            self.prompt_reader = None  # SDXL prompts: one 77-token chunk per encoder, unweighted
-        else:
-            self.tokenizer = CLIPTokenizer.from_dir(
-                self.engine_dir / "tokenizer", max_length=self.model.text_max_length,
-                pad_token_id=self.model.pad_token_id)
-            self._initializers, vectors = self._add_embeddings(embeddings)
-            self.prompt_reader = PromptReader(self.tokenizer, vectors)
+        self.family = family_of(self.model)
+        self.tokenizers, self.prompt_reader, self._initializers, self.embeddings = self.family.load_text(
+            self.engine_dir, embeddings, self.manifest)
+        self.tokenizer = next(iter(self.tokenizers.values()))
         sched_path = self.engine_dir / "scheduler" / "scheduler_config.json"
         try:
             self.scheduler_config = json.loads(sched_path.read_text())
@@ -368,7 +222,7 @@ class Pipeline:
                             "yet; fuse the LoRA at export (sdrt export --lora FILE --cache-branch B)")
         unets = [self.feature_cache["deep"], self.feature_cache["shallow"]] if self.feature_cache else ["unet"]
         self.unet_component = unets[0]   # the one whose inputs say what the UNet takes
-        wanted = [*self.model.text_encoder_components, *unets, TINY_VAE if vae == "tiny" else "vae_decoder"]
+        wanted = [*self.family.text_components(), *unets, TINY_VAE if vae == "tiny" else "vae_decoder"]
         if vae != "tiny" and self.manifest.has(TINY_VAE):
             wanted.append(TINY_VAE)  # for previews
         if load_encoder and self.manifest.has("vae_encoder"):
@@ -380,17 +234,9 @@ class Pipeline:
             self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
             raise
         self.max_prompt_chunks, self._prompt_limit = self._chunk_limit()
-
-    def _add_embeddings(self, specs) -> tuple[dict, dict]:
-        """Textual inversion: the tokenizer gains the tokens, the text encoder's table the rows."""
-        self.embeddings = []
-        if not specs:
-            return {}, {}
-        from sdrt.runtime.embeddings import add_embeddings, load_embedding
-
-        self.embeddings = [load_embedding(spec) for spec in specs]
-        self.tokenizer, table, vectors = add_embeddings(self.manifest, self.tokenizer, self.embeddings)
-        return {"text_encoder": table}, vectors
+        # the most samples one UNet call takes on this backend (a TensorRT plan's profile), or None: any
+        limits = [n for n in (self.sessions[c].dim_limit("sample", 0) for c in unets) if n is not None]
+        self.unet_batch_limit: int | None = min(limits) if limits else None
 
     def _load(self, component: str):
         """One session; with LoRAs or embeddings, over the replaced initializers (made here, handed to the
@@ -475,9 +321,10 @@ class Pipeline:
             raise UserError(f"scheduler {_shown(scheduler)}: must be a scheduler's name or None (the model's own)")
         m = self.model
         xl_settings = (original_size, tuple(crop), target_size, aesthetic_score, negative_aesthetic_score)
-        if not m.xl and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
+        takes = self.family.takes
+        if "original_size" not in takes and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
             raise UserError("original_size, crop, target_size and aesthetic scores: only SDXL models take them")
-        if not m.xl and (prompt_2, negative_prompt_2) != (None, None):
+        if "prompt_2" not in takes and (prompt_2, negative_prompt_2) != (None, None):
             raise UserError("prompt_2 and negative_prompt_2: only SDXL models take them (their second text encoder)")
         if len(m.text_encoders or ()) == 1 and (prompts_2 or negatives_2):
             logger.warning("prompt_2 and negative_prompt_2 are ignored: this model's one text encoder reads "
@@ -490,7 +337,7 @@ class Pipeline:
         denoising = {}
         for what, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None:
-                if not m.xl:
+                if what not in takes:
                     raise UserError(f"{what}: only SDXL models take it (the base + refiner handoff)")
                 denoising[what] = _number(what, value, lambda v: 0 < v < 1, "in (0, 1)")
         if len(denoising) == 2 and denoising["denoising_start"] >= denoising["denoising_end"]:
@@ -558,7 +405,7 @@ class Pipeline:
         if "denoising_end" in denoising:
             sched.end_index(denoising["denoising_end"], begin)
         embedded = bool(m.guidance_embedding_dim)
-        zero_negative = m.xl and negative_prompt is None and m.force_zeros_for_empty_prompt
+        zero_negative = self.family.zero_negative(negative_prompt)
         if negatives_2 and zero_negative and guidance > 1.0:
             logger.warning("negative_prompt_2 is ignored without negative_prompt: this checkpoint conditions the "
                            "unguided half on zeros (force_zeros_for_empty_prompt), as diffusers does")
@@ -593,16 +440,26 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------------------
     def text_inputs(self, req: Request, second: bool = False) -> list[str]:
-        """The prompts the text encoder reads for ``req``: positives, then negatives when guided (and not
-        zeros instead: SDXL's force_zeros_for_empty_prompt). ``second``: those SDXL's second encoder reads
-        (``prompt_2`` / ``negative_prompt_2`` where given)."""
-        prompts = (req.prompts_2 or req.prompts) if second else req.prompts
-        negatives = (req.negative_prompts_2 or req.negative_prompts) if second else req.negative_prompts
-        return prompts + (negatives if req.guided and not req.zero_negative else [])
+        """The prompts the text encoder reads for ``req`` (sdrt.runtime.families.text_inputs)."""
+        return text_inputs(req, second)
 
-    def encode(self, prompts: Sequence[str]) -> np.ndarray | PromptEmbeddings:
-        """What :meth:`start` takes as ``texts``: ``encode_prompts`` (SD1/SD2) or ``encode_prompts_xl`` (SDXL)."""
-        return self.encode_prompts_xl(prompts) if self.model.xl else self.encode_prompts(prompts)
+    # ---- the batch interface: several requests' prompts, UNet evaluations and decodes at once -------------
+    def encode_batch(self, reqs: Sequence[Request]) -> list:
+        """Each request's text embeddings, what :meth:`start` takes as ``texts``: the model family encodes them
+        (SD1/SD2: one text-encoder call over every request's prompt chunks; SDXL: per request)."""
+        return self.family.encode(self, reqs)
+
+    def evaluate_unet(self, loops: Sequence[Denoising]) -> list[np.ndarray]:
+        """One UNet evaluation of each of ``loops`` (requests that share a latent and context shape), batched
+        within the backend's limit; each loop's ``out_sample``, for its ``advance``. With feature caching, each
+        loop gets the deep UNet every ``cache_interval`` of its own evaluations and the shallow one between."""
+        return evaluate_unet(self.sessions, loops, self.feature_cache, self.cache_interval, self.unet_batch_limit)
+
+    def decode_batch(self, latents: Sequence[np.ndarray], component: str | None = None) -> list[np.ndarray]:
+        """Several requests' scaled latents through one VAE decode: each one's float output [n, C, H, W],
+        unchecked (the caller answers a non-finite one with an error naming the decoder)."""
+        sample = self.vae_decode(np.concatenate(latents) if len(latents) > 1 else latents[0], component)
+        return np.split(sample, np.cumsum([x.shape[0] for x in latents])[:-1])
 
     def prepare_prompts(self, req: Request) -> PromptTokens:
         """Step (a) of sdrt.runtime.prompts for ``req``'s prompts: token ids per chunk and their weights."""
@@ -615,7 +472,7 @@ class Pipeline:
         most = session.dim_limit("input_ids", 0) or len(ids)
         out = np.concatenate([session.run({"input_ids": ids[i:i + most]})["last_hidden_state"]
                               for i in range(0, len(ids), most)])
-        _check_finite("text_encoder", out)
+        check_finite("text_encoder", out)
         return out
 
     def encode_tokens(self, tokens: PromptTokens) -> np.ndarray:
@@ -640,7 +497,7 @@ class Pipeline:
             texts = prompts_2 if i == 1 and prompts_2 is not None else prompts
             out = self.sessions[comp].run({"input_ids": self.tokenizers[comp].encode(list(texts))})
             for name, value in out.items():
-                _check_finite(comp, value)
+                check_finite(comp, value)
             hidden.append(out[e["output"]])
             if e.get("pooled"):
                 pooled = out[e["pooled"]]
@@ -659,7 +516,7 @@ class Pipeline:
     def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
         """Image [1,3,H,W] in [-1,1] -> scaled latents, sampling the VAE posterior as diffusers does."""
         params = self._vae_encoder().run({"sample": image.astype(np.float32)})["latent_parameters"]
-        _check_finite("vae_encoder", params)
+        check_finite("vae_encoder", params)
         mean, logvar = np.split(params, 2, axis=1)
         logvar = np.clip(logvar, -30.0, 20.0)
         std = np.exp(0.5 * logvar)
@@ -695,7 +552,7 @@ class Pipeline:
 
         component = component or self.vae_component
         sample = self.vae_decode(latents, component)
-        _check_finite(component, sample)
+        check_finite(component, sample)
         return decode_to_uint8(sample)
 
     def decode_preview(self, latents: np.ndarray) -> np.ndarray:
@@ -707,8 +564,8 @@ class Pipeline:
     def start(self, req: Request, texts: np.ndarray | PromptEmbeddings | None = None,
               timings: dict | None = None) -> "Denoising":
         """Everything before the first UNet call: text embeddings (``texts``, encoded here unless the caller
-        batched them: ``encode(text_inputs(req))``), the UNet's other conditioning, the initial latents and the
-        scheduler state."""
+        batched them: an item of :meth:`encode_batch`), the UNet's other conditioning (the model family's), the
+        initial latents and the scheduler state."""
         timings = {} if timings is None else timings
         m = self.model
         rng = TorchCPUGenerator(req.seed)
@@ -721,15 +578,9 @@ class Pipeline:
 
         if texts is None:
             t0 = time.perf_counter()
-            texts = (self.encode_prompts_xl(self.text_inputs(req), self.text_inputs(req, second=True)) if m.xl
-                     else self.encode_tokens(req.prompt_tokens or self.prepare_prompts(req)))
+            texts = self.encode_batch([req])[0]
             timings["text_encoder_ms"] = (time.perf_counter() - t0) * 1e3
-        if isinstance(texts, PromptEmbeddings):
-            context = _guidance_batch(req, texts.context)
-            conditioning = {"text_embeds": _guidance_batch(req, texts.pooled),
-                            "time_ids": self._time_ids(req)}
-        else:
-            context, conditioning = _guidance_batch(req, texts), {}
+        context, conditioning = self.family.conditioning(req, texts)
         if m.guidance_embedding_dim:
             conditioning["timestep_cond"] = guidance_embedding(req.guidance, m.guidance_embedding_dim, req.batch)
 
@@ -751,43 +602,16 @@ class Pipeline:
                 latents = init.astype(np.float32)
         return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end)
 
-    def _time_ids(self, req: Request) -> np.ndarray:
-        """SDXL's added time ids, [unet_batch, len(model.time_ids)]: sizes, crop and target size (base) or
-        aesthetic score (refiner), as diffusers' _get_add_time_ids lists them."""
-        size = (req.height, req.width)
-        values = {"original": req.original_size or size, "crop": req.crop, "target": req.target_size or size}
-        pos = _time_id_row(self.model.time_ids, values, req.aesthetic_score)
-        # the refiner's unguided half: the negative aesthetic score and no crop (diffusers'
-        # negative_crops_coords_top_left); the base's is the positive row
-        neg = _time_id_row(self.model.time_ids, dict(values, crop=(0, 0)), req.negative_aesthetic_score) \
-            if "aesthetic_score" in self.model.time_ids else pos
-        rows = [np.tile(neg, (req.batch, 1))] if req.guided else []
-        return np.concatenate(rows + [np.tile(pos, (req.batch, 1))]).astype(np.float32)
-
     def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
         """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
         timings = {} if timings is None else timings
         loop = self.start(req, timings=timings)
         step_ms = timings.setdefault("unet_step_ms", [])
-        feature: list = [None]   # the deep feature of the last full evaluation (feature caching)
         while not loop.done:
             t0 = time.perf_counter()
-            step = loop.advance(self._unet(loop, feature))
+            step = loop.advance(self.evaluate_unet([loop])[0])
             step_ms.append((time.perf_counter() - t0) * 1e3)
             yield step
-
-    def _unet(self, loop: Denoising, feature: list) -> np.ndarray:
-        """One UNet evaluation of ``loop``: the plain UNet; or, with feature caching, the deep UNet every
-        ``cache_interval`` evaluations (keeping its feature in ``feature[0]``) and the shallow one between."""
-        inputs = loop.unet_inputs()
-        fc = self.feature_cache
-        if fc is None:
-            return self.sessions["unet"].run(inputs)["out_sample"]
-        if loop.completed % self.cache_interval == 0:
-            out = self.sessions[fc["deep"]].run(inputs)
-            feature[0] = out[fc["feature"]]
-            return out["out_sample"]
-        return self.sessions[fc["shallow"]].run({**inputs, fc["feature"]: feature[0]})["out_sample"]
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  callback: Callable[[Step], None] | None = None, **settings) -> Result:

@@ -39,7 +39,7 @@ def _cmd_serve(args) -> int:
                          api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
                          max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
                          embeddings=args.embedding, loras=list(args.lora),
-                         precision=args.precision, vae=args.vae)
+                         precision=args.precision, cache_interval=args.cache_interval, vae=args.vae)
     if args.ray:
         from sdrt.serve.ray_deployment import parse_autoscale, serve_ray
 
@@ -87,7 +87,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors, kohya or diffusers/peft keys) at load, scale 1 unless given; "
                         "repeatable; no re-export")
-    add_mode_options(p, serve=True)
+    add_mode_options(p)
     p.add_argument("--no-warmup", action="store_true",
                    help="ready without the warm-up step (the first request then pays for it)")
     ray = p.add_argument_group("Ray Serve (--ray)")

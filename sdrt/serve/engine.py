@@ -38,17 +38,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sdrt.errors import UserError
+from sdrt.errors import StageError, UserError
 from sdrt.runtime.images import decode_to_uint8, encode_png
 from sdrt.serve.batching import StepScheduler
 
 log = logging.getLogger("sdrt.serve")
 
 OUTCOMES = ("completed", "cancelled", "timeout", "error", "rejected", "shutdown")
-
-
-class _EncodeAlone(Exception):
-    """Internal: the admitted requests' prompts are encoded one request at a time."""
 
 
 class QueueFull(UserError):
@@ -241,9 +237,12 @@ class Engine:
             raise UserError(f"timeout {timeout}: must be > 0 seconds")
         if max_batch < 1:
             raise UserError(f"max_batch {max_batch}: must be >= 1")
-        if getattr(pipeline, "cache_interval", None) is not None:
-            raise UserError(f"cache_interval {pipeline.cache_interval}: the serving engine batches the plain UNet; "
-                            "feature caching runs in Pipeline.generate and `sdrt generate` only")
+        # the most samples one UNet call takes (a TensorRT plan's profile); a guided image is two samples
+        limit = getattr(pipeline, "unet_batch_limit", None)
+        if limit is not None and max_batch > max(1, limit // 2):
+            raise UserError(f"max_batch {max_batch}: this engine's UNet takes at most {limit} samples per call "
+                            f"({max(1, limit // 2)} guided images); use --max-batch {max(1, limit // 2)} or rebuild "
+                            "the plans with a larger `sdrt build --batch`")
         self.pipeline = pipeline
         self.scheduler = StepScheduler(max_batch=max_batch, decode_batch=decode_batch or max(1, min(4, max_batch)))
         self.max_queue = max_queue
@@ -475,21 +474,14 @@ class Engine:
         for job in jobs:
             job.timings["queue_ms"] = (now - job.created) * 1e3
         t0 = time.perf_counter()
-        # token ids of every admitted request (chunked and weighted by request()) through one text-encoder call;
-        # each request reassembles its own rows, so its embeddings do not depend on the others'
+        # every admitted request's prompts through one batch (the model family decides how); if that fails,
+        # each request is encoded alone by start(), so the one that broke the batch is the one that fails
         try:
-            if getattr(pipe, "prompt_reader", None) is None:
-                raise _EncodeAlone  # SDXL: two encoders and a pooled embedding, encoded per request by start()
-            tokens = [job.req.prompt_tokens or pipe.prepare_prompts(job.req) for job in jobs]
-            hidden = pipe.run_text_encoder(np.concatenate([t.ids for t in tokens]))
-            split = np.cumsum([len(t.ids) for t in tokens])[:-1]
-            per_job = [t.assemble(h) for t, h in zip(tokens, np.split(hidden, split))]
-        except _EncodeAlone:
-            per_job = [None] * len(jobs)
-        except UserError:
+            per_job = pipe.encode_batch([job.req for job in jobs])
+        except (UserError, StageError):
             if len(jobs) == 1:
                 raise
-            per_job = [None] * len(jobs)  # isolate the request that broke the batch
+            per_job = [None] * len(jobs)
         ms = (time.perf_counter() - t0) * 1e3
         self.observer.stage("text_encoder", ms / 1e3)
         for job, texts in zip(jobs, per_job):
@@ -507,18 +499,12 @@ class Engine:
         job._emit({"event": "started", "id": job.id, "total": job.loop.total})
 
     def _step(self, jobs: list[Job]) -> None:
-        feeds = [job.loop.unet_inputs() for job in jobs]
-        names = feeds[0].keys()
-        batch = {name: np.concatenate([f[name] for f in feeds]) if len(feeds) > 1 else feeds[0][name]
-                 for name in names}
         t0 = time.perf_counter()
-        out = self.pipeline.sessions["unet"].run(batch)["out_sample"]
+        outs = self.pipeline.evaluate_unet([job.loop for job in jobs])
         seconds = time.perf_counter() - t0
-        samples = out.shape[0]
-        self.observer.unet_call(sum(j.images for j in jobs), samples, seconds)
-        offsets = np.cumsum([f["sample"].shape[0] for f in feeds])[:-1]
+        self.observer.unet_call(sum(j.images for j in jobs), sum(len(o) for o in outs), seconds)
         now = time.monotonic()
-        for job, part in zip(jobs, np.split(out, offsets)):
+        for job, part in zip(jobs, outs):
             self._guarded([job], lambda js, part=part: self._advance(js[0], part, seconds, now))
 
     def _advance(self, job: Job, out: np.ndarray, seconds: float, now: float) -> None:
@@ -541,13 +527,11 @@ class Engine:
             job.state = "decoding"
 
     def _decode(self, jobs: list[Job]) -> None:
-        latents = [job.loop.latents for job in jobs]
         t0 = time.perf_counter()
-        sample = self.pipeline.vae_decode(np.concatenate(latents) if len(latents) > 1 else latents[0])
+        samples = self.pipeline.decode_batch([job.loop.latents for job in jobs])
         ms = (time.perf_counter() - t0) * 1e3
         self.observer.stage("vae_decoder", ms / 1e3)
-        offsets = np.cumsum([x.shape[0] for x in latents])[:-1]
-        for job, part in zip(jobs, np.split(sample, offsets)):
+        for job, part in zip(jobs, samples):
             self._remove(job)
             job.timings["vae_decode_ms"] = ms
             job.timings["unet_ms"] = sum(job.timings["unet_step_ms"])

@@ -37,6 +37,7 @@ class ServeConfig:
     warmup: bool = True
     embeddings: list = field(default_factory=list)   # textual-inversion files, FILE[:TOKEN]
     precision: str = "fp32"                           # fp32 | bf16 (sdrt.runtime.precision)
+    cache_interval: int | None = None                 # feature caching: the deep UNet every N evaluations
     vae: str = "full"                                 # the final images' decoder: full | tiny
     backend_options: dict = field(default_factory=dict)
     loras: list = field(default_factory=list)   # LoRAs applied at load: "FILE[:SCALE]" or (file, scale) each
@@ -57,7 +58,7 @@ def build_engine(config: ServeConfig):
 
     pipeline = Pipeline(config.engine_dir, backend=config.backend, backend_options=config.backend_options or None,
                         embeddings=config.embeddings, loras=config.loras, precision=config.precision,
-                        vae=config.vae)
+                        cache_interval=config.cache_interval, vae=config.vae)
     try:
         engine = Engine(pipeline, max_batch=config.max_batch, max_queue=config.max_queue, timeout=config.timeout,
                         limits=Limits(max_pixels=config.max_pixels, max_steps=config.max_steps,

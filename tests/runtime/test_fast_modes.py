@@ -123,16 +123,14 @@ def test_cache_interval_3_alternates_and_costs_some_accuracy(engine, plain):
     assert cached.mode == "fp32+cache3"
 
 
-def test_caching_needs_the_pair_and_the_service_refuses_it(sd1_engine, engine):
+def test_caching_needs_the_pair(sd1_engine, engine):
     from sdrt.runtime import Pipeline
-    from sdrt.serve import Engine
 
     with pytest.raises(UserError, match="--cache-branch"):
         Pipeline(sd1_engine, cache_interval=3)
     with pytest.raises(UserError, match="cache_interval 0"):
         Pipeline(engine, cache_interval=0)
-    with pytest.raises(UserError, match="feature caching"):
-        Engine(Pipeline(engine, cache_interval=2))
+    # the service takes it (tests/serve/test_engine_modes.py)
 
 
 def test_the_tiny_decoder_equals_diffusers_autoencoder_tiny(engine, tiny_vae_dir):

@@ -1,0 +1,162 @@
+"""The denoising loop a step at a time, and one UNet evaluation over several requests' loops.
+
+A :class:`Denoising` holds one request's per-call state (scheduler state, generator, latents, conditioning,
+the feature-caching deep feature) and nothing of the Pipeline. :func:`evaluate_unet` runs one UNet evaluation
+of several loops at once, concatenated along the batch axis (every UNet input's first axis is the batch),
+within the backend's batch limit, and hands each loop its own slice: ``Pipeline.steps`` calls it with one
+loop, the serving engine with every request that shares the step. Each request keeps its own scheduler,
+guidance and random draws, so its result does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from sdrt.runtime.families import check_finite
+
+if TYPE_CHECKING:
+    from sdrt.runtime.rng import TorchCPUGenerator
+    from sdrt.runtime.schedulers import Scheduler
+
+
+@dataclass
+class Step:
+    """Yielded after each denoising step: the latents, for progress bars and previews."""
+
+    index: int          # 0-based, counting only the steps this call runs
+    total: int
+    timestep: float
+    latents: np.ndarray
+
+
+class Denoising:
+    """One request's denoising loop, a step at a time: ``unet_inputs()``, run the UNet, ``advance(out)``."""
+
+    def __init__(self, req, sched: "Scheduler", state, rng: "TorchCPUGenerator", latents: np.ndarray,
+                 context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
+                 end: int | None = None):
+        """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
+        timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
+        the scheduler's step indices ``begin`` to ``end`` (default: its last)."""
+        self.req = req
+        self.sched = sched
+        self.state = state
+        self.rng = rng
+        self.latents = latents
+        self.context = context
+        self.conditioning = dict(conditioning or {})
+        self.begin = begin
+        self.end = len(sched.timesteps) if end is None else end
+        self.index = begin  # the next index into sched.timesteps
+        self.feature: np.ndarray | None = None  # feature caching: the deep feature of the last full evaluation
+
+    @property
+    def total(self) -> int:
+        """UNet calls this request makes (end - begin: heun and pndm make more than ``steps``)."""
+        return self.end - self.begin
+
+    @property
+    def completed(self) -> int:
+        return self.index - self.begin
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.end
+
+    @property
+    def unet_batch(self) -> int:
+        """Samples this request adds to a UNet call (twice its images when guided)."""
+        return self.req.batch * (2 if self.req.guided else 1)
+
+    def unet_inputs(self) -> dict[str, np.ndarray]:
+        x = self.sched.scale_model_input(self.latents, self.index).astype(np.float32)
+        x = np.concatenate([x, x]) if self.req.guided else x
+        t = np.full((x.shape[0],), self.sched.timesteps[self.index], dtype=np.float32)
+        return {"sample": x, "timestep": t, "encoder_hidden_states": self.context, **self.conditioning}
+
+    def advance(self, out_sample: np.ndarray) -> Step:
+        """Take this request's UNet output (``unet_batch`` samples) and step its scheduler."""
+        k, i = self.completed, self.index
+        check_finite("unet", out_sample, f" at step {k + 1} of {self.total}")
+        req = self.req
+        if req.guided:
+            eps_uncond, eps_text = out_sample[: req.batch], out_sample[req.batch:]
+            out_sample = eps_uncond + np.float32(req.guidance) * (eps_text - eps_uncond)
+            if req.guidance_rescale > 0:
+                out_sample = rescale_guided(out_sample, eps_text, req.guidance_rescale)
+        self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
+        self.index += 1
+        return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
+
+
+def evaluate_unet(sessions: dict, loops: Sequence[Denoising], feature_cache: dict | None = None,
+                  cache_interval: int | None = None, limit: int | None = None) -> list[np.ndarray]:
+    """One UNet evaluation of each of ``loops``, batched; each loop's ``out_sample`` in order.
+
+    Without feature caching, one call of ``sessions["unet"]`` over all loops. With it, the loops whose
+    evaluation count is a multiple of ``cache_interval`` go through the deep UNet (each keeping its deep
+    feature) and the others through the shallow UNet on their own cached feature: at most two calls.
+    ``limit``: the most samples one call may take (a TensorRT plan's profile); larger batches are split.
+    """
+    if feature_cache is None:
+        groups = [("unet", list(loops), False)]
+    else:
+        deep = [loop for loop in loops if loop.completed % cache_interval == 0]
+        shallow = [loop for loop in loops if loop.completed % cache_interval != 0]
+        groups = [(feature_cache["deep"], deep, True), (feature_cache["shallow"], shallow, False)]
+    outs: dict[int, np.ndarray] = {}
+    for component, members, keeps_feature in groups:
+        if not members:
+            continue
+        feeds = [loop.unet_inputs() for loop in members]
+        if feature_cache is not None and not keeps_feature:
+            for feed, loop in zip(feeds, members):
+                feed[feature_cache["feature"]] = loop.feature
+        result = _run_batched(sessions[component], feeds, limit)
+        offsets = np.cumsum([f["sample"].shape[0] for f in feeds])[:-1]
+        parts = {name: np.split(value, offsets) for name, value in result.items()}
+        for k, loop in enumerate(members):
+            outs[id(loop)] = parts["out_sample"][k]
+            if keeps_feature:
+                loop.feature = parts[feature_cache["feature"]][k]
+    return [outs[id(loop)] for loop in loops]
+
+
+def _run_batched(session, feeds: list[dict[str, np.ndarray]], limit: int | None) -> dict[str, np.ndarray]:
+    """The feeds concatenated on the batch axis, run in calls of at most ``limit`` samples."""
+    batch = feeds[0] if len(feeds) == 1 else {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+    rows = batch["sample"].shape[0]
+    if limit is None or rows <= limit:
+        return session.run(batch)
+    calls = [session.run({name: value[i:i + limit] for name, value in batch.items()}) for i in range(0, rows, limit)]
+    return {name: np.concatenate([c[name] for c in calls]) for name in calls[0]}
+
+
+def rescale_guided(guided: np.ndarray, text: np.ndarray, factor: float) -> np.ndarray:
+    """diffusers' ``rescale_noise_cfg`` (Lin et al. 2023, section 3.4): give each sample of the guided prediction
+    the standard deviation of the text-conditioned one, mixed with the unrescaled by ``factor``. The deviations
+    are PyTorch's ``std``: over all but the batch axis, with Bessel's correction."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
+    f = np.float32(factor)
+    return (f * (guided * ratio) + (np.float32(1) - f) * guided).astype(np.float32, copy=False)
+
+
+def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
+    """An LCM-distilled UNet's ``timestep_cond``: a sinusoidal embedding of (guidance - 1) * 1000, [batch, dim]
+    float32 (diffusers' get_guidance_scale_embedding, after VDM's; float32 as torch computes it)."""
+    f32 = np.float32
+    w = f32(guidance - 1) * f32(1000.0)
+    half = dim // 2
+    step = f32(np.log(f32(10000.0))) / f32(half - 1)
+    # exp, sin and cos correctly rounded to float32 (in float64, then rounded): numpy's float32 SIMD versions
+    # are an ulp off in places, which the angles, up to (guidance - 1) * 1000, amplify
+    freqs = np.exp((np.arange(half, dtype=f32) * -step).astype(np.float64)).astype(f32)
+    angles = (w * freqs).astype(np.float64)
+    emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(f32)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros(1, dtype=f32)])
+    return np.tile(emb, (batch, 1))
