@@ -32,15 +32,34 @@ class Step:
     latents: np.ndarray
 
 
+@dataclass
+class Inpainting:
+    """What an inpainting request adds to its loop, as diffusers' inpaint pipelines do it. ``mask``: the mask at
+    the latent size, [batch, 1, h, w], 1 where the picture is repainted. A 9-channel UNet reads the mask and
+    ``masked_latents`` (the masked image's latents) concatenated after the latents on the channel axis; a
+    4-channel UNet gets ``image_latents`` (the init image's) noised with the loop's initial ``noise`` to the
+    next step's level pasted back outside the mask after every step (the original latents after the last)."""
+
+    mask: np.ndarray
+    masked_latents: np.ndarray | None = None
+    image_latents: np.ndarray | None = None
+    noise: np.ndarray | None = None
+
+    @property
+    def blends(self) -> bool:
+        return self.image_latents is not None
+
+
 class Denoising:
     """One request's denoising loop, a step at a time: ``unet_inputs()``, run the UNet, ``advance(out)``."""
 
     def __init__(self, req, sched: "Scheduler", state, rng: "TorchCPUGenerator", latents: np.ndarray,
                  context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
-                 end: int | None = None):
+                 end: int | None = None, inpaint: Inpainting | None = None):
         """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
         timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
-        the scheduler's step indices ``begin`` to ``end`` (default: its last)."""
+        the scheduler's step indices ``begin`` to ``end`` (default: its last). ``inpaint``: an inpainting
+        request's mask and latents (:class:`Inpainting`)."""
         self.req = req
         self.sched = sched
         self.state = state
@@ -52,6 +71,11 @@ class Denoising:
         self.end = len(sched.timesteps) if end is None else end
         self.index = begin  # the next index into sched.timesteps
         self.feature: np.ndarray | None = None  # feature caching: the deep feature of the last full evaluation
+        self.inpaint = inpaint
+        self._unet_channels = None   # a 9-channel UNet's mask and masked-image latents, guidance-doubled
+        if inpaint is not None and inpaint.masked_latents is not None:
+            extra = np.concatenate([inpaint.mask, inpaint.masked_latents], axis=1).astype(np.float32)
+            self._unet_channels = np.concatenate([extra, extra]) if req.guided else extra
 
     @property
     def total(self) -> int:
@@ -74,6 +98,8 @@ class Denoising:
     def unet_inputs(self) -> dict[str, np.ndarray]:
         x = self.sched.scale_model_input(self.latents, self.index).astype(np.float32)
         x = np.concatenate([x, x]) if self.req.guided else x
+        if self._unet_channels is not None:  # latents, mask, masked-image latents (diffusers' order)
+            x = np.concatenate([x, self._unet_channels], axis=1)
         t = np.full((x.shape[0],), self.sched.timesteps[self.index], dtype=np.float32)
         return {"sample": x, "timestep": t, "encoder_hidden_states": self.context, **self.conditioning}
 
@@ -89,6 +115,11 @@ class Denoising:
                 out_sample = rescale_guided(out_sample, eps_text, req.guidance_rescale)
         self.latents = self.sched.step(self.state, i, out_sample, self.latents, self.rng).astype(np.float32, copy=False)
         self.index += 1
+        ip = self.inpaint
+        if ip is not None and ip.blends:
+            # the init latents at the next step's noise level (after the last step: themselves) outside the mask
+            proper = ip.image_latents if self.done else self.sched.add_noise(ip.image_latents, ip.noise, self.index)
+            self.latents = ((np.float32(1) - ip.mask) * proper + ip.mask * self.latents).astype(np.float32)
         return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
 
 

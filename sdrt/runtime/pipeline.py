@@ -26,7 +26,7 @@ import numpy as np
 
 from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.backends import Backend, get_backend
-from sdrt.runtime.denoising import Denoising, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
+from sdrt.runtime.denoising import Denoising, Inpainting, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
 from sdrt.runtime.families import PromptEmbeddings, check_finite, family_of, text_inputs  # noqa: F401
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import TINY_VAE, Manifest
@@ -87,6 +87,8 @@ class Request:
     denoising_start: float | None = None
     denoising_end: float | None = None
     init_latents: np.ndarray | None = field(default=None, repr=False)
+    # inpainting: [1, 1, H, W] float32, 1 where the init image is repainted (binarised as diffusers' mask_processor)
+    mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def img2img(self) -> bool:
@@ -234,6 +236,9 @@ class Pipeline:
             self.close()  # a later component failed: release what was loaded, so a reloading service leaks nothing
             raise
         self.max_prompt_chunks, self._prompt_limit = self._chunk_limit()
+        sample = next(s for s in self.sessions[self.unet_component].inputs if s.name == "sample")
+        # the UNet's input channels: the latents', or a 9-channel inpainting UNet's latents, mask and masked image
+        self.unet_in_channels = sample.shape[1] if isinstance(sample.shape[1], int) else self.model.latent_channels
         # the most samples one UNet call takes on this backend (a TensorRT plan's profile), or None: any
         limits = [n for n in (self.sessions[c].dim_limit("sample", 0) for c in unets) if n is not None]
         self.unet_batch_limit: int | None = min(limits) if limits else None
@@ -585,7 +590,10 @@ class Pipeline:
             conditioning["timestep_cond"] = guidance_embedding(req.guidance, m.guidance_embedding_dim, req.batch)
 
         shape = (req.batch, m.latent_channels, req.height // m.vae_scale_factor, req.width // m.vae_scale_factor)
-        if not req.img2img:
+        inpaint = None
+        if req.mask is not None:
+            latents, inpaint = self._start_inpainting(req, sched, begin, rng, shape, timings)
+        elif not req.img2img:
             latents = (rng.randn(shape) * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:
             if req.init_latents is not None:
@@ -600,7 +608,38 @@ class Pipeline:
                 latents = sched.add_noise(init, noise, begin).astype(np.float32)
             else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
                 latents = init.astype(np.float32)
-        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end)
+        return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end,
+                         inpaint)
+
+    def _start_inpainting(self, req: Request, sched: Scheduler, begin: int, rng: TorchCPUGenerator, shape: tuple,
+                          timings: dict) -> tuple[np.ndarray, Inpainting]:
+        """The initial latents and the :class:`Inpainting` of a masked request, drawn as diffusers'
+        StableDiffusion(XL)InpaintPipeline draws them: the init image's latents (when a 4-channel UNet blends
+        them back, or strength < 1 starts from them), then the initial noise, then the masked image's latents
+        (always drawn there, whatever the UNet). At strength 1 the latents are pure noise."""
+        from sdrt.runtime.masks import latent_mask
+
+        reads_mask = self.unet_in_channels != self.model.latent_channels   # a 9-channel inpainting UNet
+        full = req.strength == 1.0
+        t0 = time.perf_counter()
+
+        def encode(image):
+            latents = self.encode_image(image, rng)
+            return np.concatenate([latents] * (req.batch // len(latents)))
+
+        image_latents = encode(req.init_image) if not reads_mask or not full else None
+        noise = rng.randn(shape)
+        if full:
+            latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        else:
+            latents = sched.add_noise(image_latents, noise, begin).astype(np.float32)
+        masked_latents = encode(req.init_image * (req.mask < 0.5))
+        timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
+        mask = latent_mask(req.mask, shape[2:])
+        mask = np.concatenate([mask] * (req.batch // len(mask)))
+        if reads_mask:
+            return latents, Inpainting(mask, masked_latents=masked_latents)
+        return latents, Inpainting(mask, image_latents=image_latents, noise=noise)
 
     def steps(self, req: Request, timings: dict | None = None) -> Iterator[Step]:
         """Run the denoising loop, yielding after every step; the final latents are in the last Step."""
