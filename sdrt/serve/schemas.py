@@ -203,6 +203,10 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = None
 
 
+# sdrt's own settings an OpenAI request may add, under their sdrt names (the table's OpenAI names that are sdrt's)
+OPENAI_EXTRA = tuple(s.name for s in TABLE if s.openai == s.name and s.name not in ("prompt", "negative_prompt"))
+
+
 def openai_settings(body: OpenAIImageRequest) -> dict:
     if body.response_format not in (None, "b64_json"):
         raise UserError(f"response_format {body.response_format!r}: sdrt answers b64_json only (it hosts no URLs)")
@@ -216,7 +220,7 @@ def openai_settings(body: OpenAIImageRequest) -> dict:
         if not (sep and width.isdigit() and height.isdigit()):
             raise UserError(f"size {body.size!r}: must be WIDTHxHEIGHT, e.g. 512x512")
         settings.update(width=int(width), height=int(height))
-    for key in ("steps", "guidance", "seed", "scheduler"):
+    for key in OPENAI_EXTRA:
         value = getattr(body, key)
         if value is not None:
             settings[key] = value

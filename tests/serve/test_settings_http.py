@@ -59,3 +59,12 @@ def test_generate_and_the_service_write_the_same_parameters(live, sd1_engine, tm
     assert answer.json()["parameters"] == cli
     for b64, text in zip(answer.json()["images"], cli):
         assert Image.open(io.BytesIO(base64.b64decode(b64))).text["parameters"] == text
+
+
+def test_the_tables_a1111_and_openai_names_are_fields_of_their_requests():
+    from sdrt.serve.schemas import OPENAI_EXTRA, A1111Request, OpenAIImageRequest
+
+    for s in TABLE:
+        assert s.a1111 is None or s.a1111 in A1111Request.model_fields, s.name
+        assert s.openai is None or s.openai in OpenAIImageRequest.model_fields, s.name
+    assert OPENAI_EXTRA == ("steps", "guidance", "seed", "scheduler")
