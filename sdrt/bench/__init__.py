@@ -44,7 +44,7 @@ def _cmd_bench(args) -> int:
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS
     from sdrt.runtime.cli import add_mode_options
-    from sdrt.runtime.schedulers import SCHEDULER_NAMES
+    from sdrt.runtime.settings import add_options
 
     d = Settings()
     p = sub.add_parser("bench", help="latency and parity against the PyTorch reference",
@@ -58,17 +58,13 @@ def add_subcommand(sub) -> None:
                         "another checkpoint is refused (its configs' sha256 differs from the manifest's)")
     p.add_argument("--allow-other-reference", action="store_true",
                    help="compare with a --reference that is not ENGINE_DIR's source anyway, after a warning")
-    p.add_argument("--steps", metavar="N", type=int, default=d.steps, help=f"denoising steps (default {d.steps})")
-    p.add_argument("--height", metavar="H", type=int, default=None, help="default: the model's")
-    p.add_argument("--width", metavar="W", type=int, default=None, help="default: the model's")
+    # the settings bench shares with `sdrt generate`, with bench's own defaults where it has them
+    add_options(p, ("steps", "height", "width"), defaults={"steps": d.steps})
     p.add_argument("--batch", metavar="N", type=int, default=d.batch, help=f"images per run (default {d.batch})")
     p.add_argument("--runs", metavar="N", type=int, default=d.runs, help=f"timed runs per side (default {d.runs})")
     p.add_argument("--warmup", metavar="N", type=int, default=d.warmup,
                    help=f"untimed runs per side first (default {d.warmup})")
-    p.add_argument("--guidance", metavar="F", type=float, default=d.guidance, help=f"default {d.guidance}")
-    p.add_argument("--scheduler", default=None, metavar="NAME",
-                   help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
-    p.add_argument("--seed", metavar="S", type=int, default=d.seed, help=f"default {d.seed}")
+    add_options(p, ("guidance", "scheduler", "seed"), defaults={"guidance": d.guidance, "seed": d.seed})
     p.add_argument("--prompt", metavar="TEXT", default=d.prompt,
                    help=f"default {d.prompt!r}; read as `sdrt generate` reads it (chunks beyond 75 tokens, "
                         "(word:1.3) weights); the reference gets the same reading through prompt_embeds when "

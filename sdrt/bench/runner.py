@@ -19,6 +19,7 @@ import numpy as np
 from sdrt import __version__
 from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.manifest import Manifest
+from sdrt.runtime.settings import check_size
 
 
 @dataclass
@@ -177,8 +178,7 @@ def _check(manifest: Manifest, settings: Settings, outputs: dict) -> None:
         raise UserError(f"{manifest.engine_dir}: this model ({mn.family}) only refines an image; `sdrt bench` times "
                         "txt2img")
     for what, v in (("height", s.height), ("width", s.width)):
-        if v <= 0 or v % mn.size_multiple:
-            raise UserError(f"--{what} {v}: must be a positive multiple of {mn.size_multiple} for this model")
+        check_size(f"--{what}", v, mn.size_multiple)
     for what, v, lo in (("--runs", s.runs, 1), ("--warmup", s.warmup, 0), ("--steps", s.steps, 1),
                         ("--batch", s.batch, 1), ("--threads", 1 if s.threads is None else s.threads, 1)):
         if v < lo:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from sdrt._signals import terminate_as_interrupt
 from sdrt.errors import UserError
+from sdrt.runtime.settings import SETTING, TABLE, add_options
+
+# the settings `sdrt generate` takes as options (the prompt is its argument), in --help's order
+GENERATE_OPTIONS = tuple(s.name for s in TABLE if s.flag)
 
 
 def _out_paths(out: str, n: int) -> list[Path]:
@@ -24,14 +28,16 @@ def _out_paths(out: str, n: int) -> list[Path]:
 def _cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from sdrt.runtime.images import format_parameters, save_gif, save_png
+    from sdrt.runtime.images import save_gif, save_png
     from sdrt.runtime.pipeline import Pipeline
     from sdrt.runtime.schedulers import scheduler_name_for_config, steps_phrase
+    from sdrt.runtime.settings import request_parameters
 
     if args.preview and not args.preview.lower().endswith(".gif"):
         raise UserError(f"--preview {args.preview!r}: must be a .gif file")
-    if args.strength is not None and not args.init_image:
-        raise UserError(f"--strength {args.strength:g}: only img2img uses it; give --init-image too, or leave it out")
+    refusal = SETTING["strength"].mode_refusal(args.strength, bool(args.init_image), "--strength", "--init-image")
+    if refusal:
+        raise UserError(refusal)
     _out_paths(args.output, 1)  # refuse a bad -o before loading anything
     for target in filter(None, (args.output, args.preview)):
         parent = Path(target).resolve().parent
@@ -40,12 +46,7 @@ def _cmd_generate(args) -> int:
     pipe = Pipeline(args.engine_dir, backend=args.backend, embeddings=args.embedding, loras=args.lora,
                     **mode_options(args))
     # with --init-image, --height/--width resize the image (as load_init_image does), which then sets the size
-    req = pipe.request(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                       seed=args.seed, scheduler=args.scheduler, height=args.height, width=args.width,
-                       num_images=args.num_images, init_image=args.init_image, strength=args.strength,
-                       truncate=args.truncate, weighting=not args.no_weighting,
-                       guidance_rescale=args.guidance_rescale, prompt_2=args.prompt_2,
-                       negative_prompt_2=args.negative_prompt_2)
+    req = pipe.request(args.prompt, **{name: getattr(args, name) for name in GENERATE_OPTIONS})
     outs = _out_paths(args.output, req.batch)
     frames: list = []
     every = max(1, req.steps // 12)
@@ -60,16 +61,10 @@ def _cmd_generate(args) -> int:
 
     result = pipe.run(req, callback=on_step)
     bar.close()
-    scheduler = req.scheduler or scheduler_name_for_config(pipe.scheduler_config)
+    scheduler = scheduler_name_for_config(pipe.scheduler_config)
+    model = Path(str(pipe.manifest.data["source"].get("path", ""))).name
     for i, (path, image) in enumerate(zip(outs, result.images)):
-        params = format_parameters(
-            prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=req.steps, scheduler=scheduler,
-            guidance=req.guidance, seed=req.seed, height=req.height, width=req.width,
-            model=Path(str(pipe.manifest.data["source"].get("path", ""))).name,
-            strength=req.strength if req.init_image is not None else None,
-            extra={**({"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else {}),
-                   **({} if req.weighting else {"Emphasis": "None"}),
-                   **({"Guidance rescale": req.guidance_rescale} if req.guidance_rescale else {})} or None)
+        params = request_parameters(req, scheduler, model, i)
         try:
             save_png(image, path, params)
         except OSError as e:
@@ -115,7 +110,6 @@ def add_mode_options(p) -> None:
 
 def add_generate(sub) -> None:
     from sdrt.runtime.backends import BACKENDS, DEFAULT_BACKEND
-    from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
     p = sub.add_parser("generate", help="generate images from an engine directory (txt2img, img2img)",
                        description="Generate images with the torch-free runtime (SD1.x, SD2.x, SDXL base and "
@@ -125,39 +119,11 @@ def add_generate(sub) -> None:
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("-o", "--output", default="out.png",
                    help="PNG to write (default out.png); with --num-images N: OUT-0.png ... OUT-{N-1}.png")
-    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
-                   help="what to steer away from (used only with guidance > 1; without it an SDXL model whose "
-                        "checkpoint says force_zeros_for_empty_prompt conditions on zeros)")
-    p.add_argument("--prompt-2", default=None, metavar="TEXT",
-                   help="SDXL base: what the second text encoder (OpenCLIP bigG) reads instead of PROMPT")
-    p.add_argument("--negative-prompt-2", default=None, metavar="TEXT",
-                   help="SDXL base: what the second text encoder reads instead of --negative-prompt")
-    p.add_argument("--steps", type=int, default=50,
-                   help="denoising steps (default 50; few-step models: 1-4, e.g. SD-Turbo and SDXL-Turbo, LCM)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale (default 7.5). <= 1 disables it: one UNet pass per step "
-                        "instead of two (Turbo models: --guidance 0). An LCM-distilled model takes it as an input "
-                        "(its guidance embedding), with one pass per step at any value")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="F",
-                   help="in [0, 1]: rescale the guided prediction to the spread of the text-conditioned one, as "
-                        "diffusers' guidance_rescale (against over-exposure; default 0: off; needs guidance > 1)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
-    p.add_argument("--scheduler", default=None, metavar="NAME",
-                   help=f"one of {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
-    p.add_argument("--height", type=int, default=None, help="default: the model's (img2img: the init image's)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1, metavar="N")
-    p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
-    p.add_argument("--strength", type=float, default=None,
-                   help="img2img: how much to change the image, in (0, 1] (default 0.8)")
+    add_options(p, GENERATE_OPTIONS[:GENERATE_OPTIONS.index("truncate")])
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors), used in prompts as TOKEN (default: the file's "
                         "name without .safetensors); repeatable")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut prompts at 75 tokens as diffusers does (default: longer prompts are read in chunks of 75)")
-    p.add_argument("--no-weighting", action="store_true",
-                   help="read (, ), [, ] and BREAK literally (default: (word:1.3), (word), [word] and BREAK as "
-                        "AUTOMATIC1111 reads them)")
+    add_options(p, GENERATE_OPTIONS[GENERATE_OPTIONS.index("truncate"):])
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

@@ -82,8 +82,6 @@ class Family:
     vae_upcast: ClassVar[bool] = False
     # prompts are read by sdrt.runtime.prompts (weights, chunks, BREAK, textual-inversion embeddings)
     weighted_prompts: ClassVar[bool] = True
-    # settings only some families take, and those this one takes
-    takes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: "ModelNumbers"):
         self.model = model
@@ -141,8 +139,6 @@ class SDXL(Family):
     model_keys = ("text_encoders", "pooled_dim", "time_ids", "force_zeros_for_empty_prompt")
     vae_upcast = True
     weighted_prompts = False   # one 77-token chunk per encoder, unweighted (as diffusers)
-    takes = frozenset({"original_size", "crop", "target_size", "aesthetic_score", "negative_aesthetic_score",
-                       "prompt_2", "negative_prompt_2", "denoising_start", "denoising_end"})
 
     def load_text(self, engine_dir, embeddings: Sequence, manifest):
         from sdrt.runtime.tokenizer import CLIPTokenizer

@@ -13,8 +13,6 @@ import inspect
 import json
 import logging
 import os
-import secrets
-import sys
 import threading
 import time
 import warnings
@@ -35,16 +33,15 @@ from sdrt.runtime.precision import check_precision
 from sdrt.runtime.prompts import PromptTokens
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
+from sdrt.runtime.settings import (  # noqa: F401 - the defaults, importable from here as before
+    DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STEPS, DEFAULT_STRENGTH,
+    MAX_SEED, check_size,
+)
+from sdrt.runtime.settings import shown as _shown
 
 if TYPE_CHECKING:
     from PIL import Image
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_STRENGTH = 0.8
-MAX_SEED = 2**64 - 1
-DEFAULT_AESTHETIC_SCORE = 6.0           # diffusers' StableDiffusionXLImg2ImgPipeline defaults (the refiner)
-DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 VAES = ("full", "tiny")   # which VAE decoder makes the final images (tiny: `sdrt export --tiny-vae`)
 
 logger = logging.getLogger(__name__)
@@ -112,30 +109,6 @@ class Result:
     timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
 
 
-def _shown(value) -> str:
-    """A value as a one-line error shows it: its repr on one line, cut short (an array by dtype and shape)."""
-    if isinstance(value, np.ndarray):
-        return f"<{value.dtype} array of shape {list(value.shape)}>"
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _texts(what: str, value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise UserError(f"{what} {_shown(value)}: must be a string or a non-empty list of strings")
-
-
-def _per_prompt(what: str, value, n: int) -> list[str]:
-    """One text per prompt: a string stands for every prompt, a list must have one per prompt."""
-    texts = _texts(what, value)
-    if isinstance(value, str):
-        return texts * n
-    if len(texts) != n:
-        raise UserError(f"{what}: {len(texts)} for {n} prompts; give one per prompt")
-    return texts
 
 
 def _integer(what: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
@@ -145,19 +118,6 @@ def _integer(what: str, value, low: int, high: int | None = None, allowed: str |
     return int(value)
 
 
-def _number(what: str, value, ok: Callable[[float], bool], allowed: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
-            or not np.isfinite(value) or not ok(float(value))):
-        raise UserError(f"{what} {_shown(value)}: must be {allowed}")
-    return float(value)
-
-
-def _is_image_source(value) -> bool:
-    """A path or a PIL image (PIL is imported only if the caller already did: it made the image)."""
-    if isinstance(value, (str, os.PathLike)):
-        return True
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(value, pil.Image)
 
 
 class Pipeline:
@@ -308,140 +268,18 @@ class Pipeline:
         at the same fraction, runs the rest of the same schedule without adding noise (``strength`` is then
         ignored, as there). ``init_latents`` without ``denoising_start`` is img2img from latents at ``strength``.
         """
-        for what, flag in (("truncate", truncate), ("weighting", weighting)):
-            if not isinstance(flag, bool):
-                raise UserError(f"{what} {_shown(flag)}: must be True or False")
-        prompts = _texts("prompt", prompt)
-        negatives = [""] * len(prompts) if negative_prompt is None else \
-            _per_prompt("negative_prompt", negative_prompt, len(prompts))
-        # diffusers: `prompt_2 or prompt`, so an empty string is the same as none
-        prompts_2, negatives_2 = (None if v is None or v == "" else _per_prompt(what, v, len(prompts))
-                                  for what, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
-        steps = _integer("steps", steps, 1)
-        guidance = _number("guidance", guidance, lambda g: g >= 0, "a number >= 0")
-        guidance_rescale = _number("guidance_rescale", guidance_rescale, lambda g: 0 <= g <= 1, "in [0, 1]")
-        num_images = _integer("num_images", num_images, 1)
-        seed = secrets.randbits(63) if seed is None else _integer("seed", seed, 0, MAX_SEED, "in [0, 2**64)")
-        if scheduler is not None and not isinstance(scheduler, str):
-            raise UserError(f"scheduler {_shown(scheduler)}: must be a scheduler's name or None (the model's own)")
-        m = self.model
-        xl_settings = (original_size, tuple(crop), target_size, aesthetic_score, negative_aesthetic_score)
-        takes = self.family.takes
-        if "original_size" not in takes and xl_settings != (None, (0, 0), None, DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE):
-            raise UserError("original_size, crop, target_size and aesthetic scores: only SDXL models take them")
-        if "prompt_2" not in takes and (prompt_2, negative_prompt_2) != (None, None):
-            raise UserError("prompt_2 and negative_prompt_2: only SDXL models take them (their second text encoder)")
-        if len(m.text_encoders or ()) == 1 and (prompts_2 or negatives_2):
-            logger.warning("prompt_2 and negative_prompt_2 are ignored: this model's one text encoder reads "
-                           "prompt and negative_prompt, as in diffusers")
-            prompts_2 = negatives_2 = None
-        for what, pair in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
-            if pair is not None and (len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0
-                                                                for v in pair)):
-                raise UserError(f"{what} {pair!r}: must be two integers >= 0 (height, width / top, left)")
-        denoising = {}
-        for what, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if value is not None:
-                if what not in takes:
-                    raise UserError(f"{what}: only SDXL models take it (the base + refiner handoff)")
-                denoising[what] = _number(what, value, lambda v: 0 < v < 1, "in (0, 1)")
-        if len(denoising) == 2 and denoising["denoising_start"] >= denoising["denoising_end"]:
-            raise UserError(f"denoising_start {denoising_start:g}: must be below denoising_end {denoising_end:g}")
-        if init_image is not None and init_latents is not None:
-            raise UserError("init_image and init_latents: give one of them")
-        img2img = init_image is not None or init_latents is not None
-        if not img2img and not m.txt2img:
-            raise UserError(f"{self.engine_dir}: this model ({m.family}) only refines an image; give an init image")
-        if "denoising_start" in denoising and not img2img:
-            raise UserError(f"denoising_start {denoising_start:g}: only img2img uses it; give init_latents (the base's "
-                            "latents) or init_image")
-        height = None if height is None else self._size("height", height)
-        width = None if width is None else self._size("width", width)
-        strength_asked = strength is not None
-        if init_latents is not None:
-            shape = getattr(init_latents, "shape", None)
-            f, c = m.vae_scale_factor, m.latent_channels
-            if (not isinstance(init_latents, np.ndarray) or init_latents.ndim != 4 or init_latents.dtype.kind != "f"
-                    or shape[1] != c or shape[0] not in (1, len(prompts) * num_images)):
-                raise UserError(f"init_latents {_shown(init_latents)}: expected a float [1 or {len(prompts) * num_images}, "
-                                f"{c}, H/{f}, W/{f}] array (a Result's latents)")
-            lat_h, lat_w = int(shape[2]) * f, int(shape[3]) * f
-            if (height or lat_h, width or lat_w) != (lat_h, lat_w):
-                raise UserError(f"init_latents are of a {lat_w}x{lat_h} image but {width or lat_w}x{height or lat_h} "
-                                "was asked")
-            height, width = lat_h, lat_w
-            init_latents = np.ascontiguousarray(init_latents, dtype=np.float32)
-            strength = _number("strength", DEFAULT_STRENGTH if strength is None else strength,
-                               lambda v: 0 < v <= 1, "in (0, 1]")
-        elif init_image is None:
-            if strength is not None:
-                raise UserError(f"strength {_shown(strength)}: only img2img uses it; give init_image, or leave it out")
-            strength = 1.0
-            height = m.default_height if height is None else height
-            width = m.default_width if width is None else width
-        else:
-            if _is_image_source(init_image):
-                from sdrt.runtime.images import load_init_image
+        from sdrt.runtime.requests import make_request
 
-                init_image = load_init_image(init_image, m.vae_scale_factor, height, width)
-            strength = _number("strength", DEFAULT_STRENGTH if strength is None else strength,
-                               lambda v: 0 < v <= 1, "in (0, 1]")
-            shape = getattr(init_image, "shape", None)
-            if (not isinstance(init_image, np.ndarray) or init_image.ndim != 4 or shape[0] != 1
-                    or shape[1] != m.image_channels or init_image.dtype.kind != "f"):
-                raise UserError(
-                    f"init_image {_shown(init_image)}: expected a path, a PIL image or a float "
-                    f"[1, {m.image_channels}, H, W] array in [-1, 1] (sdrt.runtime.images.load_init_image makes one)")
-            img_h, img_w = self._size("height", int(shape[2])), self._size("width", int(shape[3]))
-            if (height or img_h, width or img_w) != (img_h, img_w):
-                raise UserError(
-                    f"init image is {img_w}x{img_h} but {width or img_w}x{height or img_h} was asked; resize it when "
-                    "loading (give init_image as a path or PIL image and height/width resize it)")
-            height, width = img_h, img_w
-        # validates the name (or the config's own class) and the step count
-        sched = make_scheduler(scheduler, self.scheduler_config, steps)
-        # each refuses a setting that leaves no step to run
-        if "denoising_start" in denoising:
-            if strength_asked:
-                logger.warning("strength is ignored: denoising_start sets where the schedule starts, as in diffusers")
-            begin = sched.start_index(denoising["denoising_start"])
-        else:
-            begin = sched.begin_index(strength) if img2img else 0
-        if "denoising_end" in denoising:
-            sched.end_index(denoising["denoising_end"], begin)
-        embedded = bool(m.guidance_embedding_dim)
-        zero_negative = self.family.zero_negative(negative_prompt)
-        if negatives_2 and zero_negative and guidance > 1.0:
-            logger.warning("negative_prompt_2 is ignored without negative_prompt: this checkpoint conditions the "
-                           "unguided half on zeros (force_zeros_for_empty_prompt), as diffusers does")
-        if ((negative_prompt is not None and any(negatives)) or any(negatives_2 or ())) \
-                and (embedded or not guidance > 1.0):
-            # diffusers drops it without a word
-            logger.warning("the negative prompt is ignored: %s", "this model takes guidance as an input, with no "
-                           "unguided pass" if embedded else f"guidance {guidance:g} <= 1 runs no unguided pass")
-        if guidance_rescale > 0 and (embedded or not guidance > 1.0):
-            logger.warning("guidance_rescale %g is ignored: %s", guidance_rescale,
-                           "this model takes guidance as an input, with no unguided pass" if embedded
-                           else f"guidance {guidance:g} <= 1 runs no unguided pass")
-        req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
-                      init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
-                      zero_negative=zero_negative,
-                      original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
-                      target_size=None if target_size is None else tuple(target_size),
-                      aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
-                      guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2,
-                      denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
-                      init_latents=init_latents)
-        if self.prompt_reader is not None:
-            req.prompt_tokens = self.prepare_prompts(req)  # refuses a prompt longer than the engine takes
-        return req
+        return make_request(self, prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                            scheduler=scheduler, height=height, width=width, num_images=num_images,
+                            init_image=init_image, strength=strength, truncate=truncate, weighting=weighting,
+                            original_size=original_size, crop=crop, target_size=target_size,
+                            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                            guidance_rescale=guidance_rescale, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                            denoising_end=denoising_end, denoising_start=denoising_start, init_latents=init_latents)
 
     def _size(self, what: str, value) -> int:
-        multiple = self.model.size_multiple
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-            raise UserError(f"{what} {_shown(value)}: must be a positive multiple of {multiple} for this model "
-                            "(its VAE scale factor)")
-        return int(value)
+        return check_size(what, value, self.model.size_multiple)
 
     # ---- stages ---------------------------------------------------------------------------------------
     def text_inputs(self, req: Request, second: bool = False) -> list[str]:

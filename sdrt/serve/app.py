@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sdrt import __version__
 from sdrt.errors import UserError
-from sdrt.runtime.images import encode_png, format_parameters
+from sdrt.runtime.images import encode_png
+from sdrt.runtime.settings import request_parameters
 from sdrt.serve.engine import Engine, Job, JobFailed, NotAccepting, QueueFull
 from sdrt.serve.metrics import Metrics
 from sdrt.serve.playground import add_playground
@@ -331,14 +332,10 @@ def create_app(service: Service) -> FastAPI:
     def _encode(job: Job) -> dict:
         t0 = time.perf_counter()
         req, result = job.req, job.result
-        scheduler = req.scheduler or service.default_scheduler()
+        scheduler = service.default_scheduler()
         images, parameters = [], []
         for i, image in enumerate(result.images):
-            params = format_parameters(
-                prompt=req.prompts[0], negative_prompt=req.negative_prompts[0], steps=req.steps, scheduler=scheduler,
-                guidance=req.guidance, seed=req.seed, height=req.height, width=req.width, model=service.model_name,
-                strength=req.strength if req.init_image is not None else None,
-                extra={"Batch size": req.batch, "Batch pos": i} if req.batch > 1 else None)
+            params = request_parameters(req, scheduler, service.model_name, i)
             parameters.append(params)
             images.append(base64.b64encode(encode_png(image, params)).decode("ascii"))
         seconds = time.perf_counter() - t0

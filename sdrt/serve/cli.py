@@ -6,21 +6,18 @@ import logging
 import sys
 
 from sdrt.errors import UserError
+from sdrt.serve.limits import LIMIT, LIMITS
 
 
 def _cmd_serve(args) -> int:
     from sdrt.serve.server import ServeConfig, serve
 
-    for name in ("max_batch", "max_queue", "max_steps", "max_images"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("timeout", "drain_timeout"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be > 0 seconds")
+    for limit in LIMITS:
+        limit.value(getattr(args, limit.name), limit.flag)
+    if not args.drain_timeout > 0:
+        raise UserError(f"--drain-timeout {args.drain_timeout}: must be > 0 seconds")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be in 1..65535")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise UserError(f"--max-pixels {args.max_pixels}: must be >= 1")
     ray_options = [name for name, given in (("--replicas", args.replicas is not None),
                                             ("--autoscale", args.autoscale is not None),
                                             ("--replica-cpus", args.replica_cpus is not None)) if given]
@@ -34,10 +31,9 @@ def _cmd_serve(args) -> int:
 
     load_loras(args.lora)  # a bad file is refused before the service starts (each replica loads its own)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServeConfig(engine_dir=args.engine_dir, host=args.host, port=args.port, max_batch=args.max_batch,
-                         max_queue=args.max_queue, timeout=args.timeout, backend=args.backend,
-                         api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, max_steps=args.max_steps,
-                         max_images=args.max_images, max_pixels=args.max_pixels, warmup=not args.no_warmup,
+    config = ServeConfig(engine_dir=args.engine_dir, host=args.host, port=args.port, backend=args.backend,
+                         api_key_env=args.api_key_env, drain_timeout=args.drain_timeout, warmup=not args.no_warmup,
+                         **{limit.name: getattr(args, limit.name) for limit in LIMITS},
                          embeddings=args.embedding, loras=list(args.lora),
                          precision=args.precision, cache_interval=args.cache_interval, vae=args.vae)
     if args.ray:
@@ -51,6 +47,7 @@ def _cmd_serve(args) -> int:
 def add_subcommand(sub) -> None:
     from sdrt.runtime.backends import BACKENDS, DEFAULT_BACKEND
     from sdrt.runtime.cli import add_mode_options
+    from sdrt.runtime.settings import add_options
 
     p = sub.add_parser(
         "serve", help="serve an engine directory over HTTP, batching the UNet steps of concurrent requests",
@@ -64,24 +61,14 @@ def add_subcommand(sub) -> None:
     p.add_argument("engine_dir", metavar="ENGINE_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="images in one UNet call, and being denoised at once (default 8; a guided image is two "
-                        "UNet samples)")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="requests waiting to start; past it, 429 with Retry-After (default 64)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="deadline of a request in seconds, queue included; past it, 504 (default 600; a request "
-                        "may ask for less)")
+    add_options(p, ("max_batch", "max_queue", "timeout"), table=LIMIT)
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require 'Authorization: Bearer KEY' with KEY read from this environment variable")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
                    help="; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="on SIGTERM, how long accepted requests may take to finish (default 60)")
-    p.add_argument("--max-steps", type=int, default=150, metavar="N", help="steps per request (default 150)")
-    p.add_argument("--max-images", type=int, default=8, metavar="N", help="images per request (default 8)")
-    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="width x height per image (default: 4x the model's default size)")
+    add_options(p, ("max_steps", "max_images", "max_pixels"), table=LIMIT)
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (.safetensors) prompts may use as TOKEN; repeatable")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

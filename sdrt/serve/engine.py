@@ -41,6 +41,7 @@ import numpy as np
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.images import decode_to_uint8, encode_png
 from sdrt.serve.batching import StepScheduler
+from sdrt.serve.limits import LIMIT
 
 log = logging.getLogger("sdrt.serve")
 
@@ -72,9 +73,9 @@ class JobFailed(Exception):
 class Limits:
     """What one request may ask for (each refused with a UserError naming the limit)."""
 
-    max_pixels: int | None = None    # height * width; default: 4x the model's default size
-    max_steps: int = 150
-    max_images: int = 8              # images per request (prompts x num_images)
+    max_pixels: int | None = LIMIT["max_pixels"].default   # height * width; default: 4x the model's default size
+    max_steps: int = LIMIT["max_steps"].default
+    max_images: int = LIMIT["max_images"].default          # images per request (prompts x num_images)
 
     def check(self, req, model) -> None:
         max_pixels = self.max_pixels or 4 * model.default_height * model.default_width
@@ -228,7 +229,8 @@ class Job:
 class Engine:
     """Queue, worker and the step scheduler over one :class:`sdrt.runtime.Pipeline`."""
 
-    def __init__(self, pipeline, *, max_batch: int = 8, max_queue: int = 64, timeout: float = 600.0,
+    def __init__(self, pipeline, *, max_batch: int = LIMIT["max_batch"].default,
+                 max_queue: int = LIMIT["max_queue"].default, timeout: float = LIMIT["timeout"].default,
                  limits: Limits | None = None, decode_batch: int | None = None, observer: Observer | None = None,
                  parameters_model: str = ""):
         if max_queue < 1:

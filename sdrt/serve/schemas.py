@@ -16,36 +16,24 @@ import binascii
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from sdrt.errors import UserError
-from sdrt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from sdrt.runtime.settings import TABLE, check_size, native_help
 
 
-class ImageRequest(BaseModel):
-    """``POST /v1/images`` and ``POST /v1/jobs``."""
+def _native_fields() -> dict:
+    """The native request's fields, from the settings table: its JSON type, default and description each."""
+    return {s.native: (s.json or s.type, Field(... if s.required else s.default, description=native_help(s)))
+            for s in TABLE if s.native is not None}
 
-    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
-    negative_prompt: str | None = None
-    prompt_2: str | None = Field(default=None, description="SDXL base: what the second text encoder reads instead of prompt")
-    negative_prompt_2: str | None = Field(default=None, description="SDXL base: the second encoder's negative_prompt")
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    guidance_rescale: float = Field(default=0.0, description="in [0, 1]: diffusers' guidance_rescale (0: off)")
-    seed: int | None = Field(default=None, description="default: random (answered in `seeds`)")
-    scheduler: str | None = Field(default=None, description=f"one of {', '.join(SCHEDULER_NAMES)}; default: the model's")
-    height: int | None = Field(default=None, description="default: the model's (img2img: the init image's)")
-    width: int | None = None
-    num_images: int = 1
-    init_image: str | None = Field(default=None, description="img2img: the picture, base64 (a data: URL is fine)")
-    strength: float | None = Field(default=None, description=f"img2img only: how much to change it (default {DEFAULT_STRENGTH})")
-    timeout: float | None = Field(default=None, description="seconds; at most the service's --timeout")
-    preview_every: int = Field(default=0, description="job events: a preview PNG every N steps (0: none)")
-    truncate: bool = Field(default=False, description="cut prompts at 75 tokens as diffusers does (default: chunks)")
-    weighting: bool = Field(default=True, description="read (word:1.3), (word), [word] and BREAK as AUTOMATIC1111 does")
+# ``POST /v1/images`` and ``POST /v1/jobs``: strict types and no unknown field
+ImageRequest = create_model("ImageRequest", __config__=ConfigDict(extra="forbid", strict=True),
+                            __doc__="``POST /v1/images`` and ``POST /v1/jobs``.", **_native_fields())
+# the native fields that are Pipeline.request's settings (the others, timeout and preview_every, are the service's)
+NATIVE_SETTINGS = {s.native: s.name for s in TABLE if s.native is not None and s.pipeline}
 
 
 def decode_base64_image(data: str, field: str) -> bytes:
@@ -59,24 +47,22 @@ def decode_base64_image(data: str, field: str) -> bytes:
 
 def native_settings(body: ImageRequest, pipeline) -> dict:
     """Keyword arguments for ``Engine.submit`` from a native request (the init image decoded and prepared)."""
-    settings = body.model_dump(exclude={"init_image", "timeout", "preview_every", "strength"})
+    settings = {name: getattr(body, field) for field, name in NATIVE_SETTINGS.items() if name != "init_image"}
     if body.init_image is None:
-        if body.strength is not None:
-            raise UserError("strength: only meaningful with init_image (img2img)")
-        return settings
+        return settings   # Pipeline.request refuses a strength without an init image
     return with_init_image(settings, decode_base64_image(body.init_image, "init_image"), pipeline,
-                           DEFAULT_STRENGTH if body.strength is None else body.strength)
+                           settings.pop("strength"))
 
 
-def with_init_image(settings: dict, image: bytes, pipeline, strength: float) -> dict:
-    """As ``sdrt generate --init-image``: height/width, when given, resize the picture; it then sets the size."""
+def with_init_image(settings: dict, image: bytes, pipeline, strength: float | None) -> dict:
+    """As ``sdrt generate --init-image``: height/width, when given, resize the picture; it then sets the size.
+    ``strength`` None: the default."""
     from sdrt.runtime.images import load_init_image
 
     m = pipeline.model
     for what in ("height", "width"):
-        v = settings.get(what)
-        if v is not None and (v <= 0 or v % m.size_multiple):
-            raise UserError(f"{what} {v}: must be a positive multiple of {m.size_multiple} for this model")
+        if settings.get(what) is not None:
+            check_size(what, settings[what], m.size_multiple)
     settings = dict(settings, strength=strength)
     settings["init_image"] = load_init_image(image, m.vae_scale_factor, settings.pop("height", None),
                                              settings.pop("width", None))
@@ -217,6 +203,10 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = None
 
 
+# sdrt's own settings an OpenAI request may add, under their sdrt names (the table's OpenAI names that are sdrt's)
+OPENAI_EXTRA = tuple(s.name for s in TABLE if s.openai == s.name and s.name not in ("prompt", "negative_prompt"))
+
+
 def openai_settings(body: OpenAIImageRequest) -> dict:
     if body.response_format not in (None, "b64_json"):
         raise UserError(f"response_format {body.response_format!r}: sdrt answers b64_json only (it hosts no URLs)")
@@ -230,7 +220,7 @@ def openai_settings(body: OpenAIImageRequest) -> dict:
         if not (sep and width.isdigit() and height.isdigit()):
             raise UserError(f"size {body.size!r}: must be WIDTHxHEIGHT, e.g. 512x512")
         settings.update(width=int(width), height=int(height))
-    for key in ("steps", "guidance", "seed", "scheduler"):
+    for key in OPENAI_EXTRA:
         value = getattr(body, key)
         if value is not None:
             settings[key] = value

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.errors import MissingDependencyError, UserError
+from sdrt.serve.limits import LIMIT
 
 log = logging.getLogger("sdrt.serve")
 
@@ -25,15 +26,15 @@ class ServeConfig:
     engine_dir: str
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 8
-    max_queue: int = 64
-    timeout: float = 600.0
+    max_batch: int = LIMIT["max_batch"].default
+    max_queue: int = LIMIT["max_queue"].default
+    timeout: float = LIMIT["timeout"].default
     backend: str = "cpu"
     api_key_env: str | None = None
     drain_timeout: float = 60.0
-    max_steps: int = 150
-    max_images: int = 8
-    max_pixels: int | None = None
+    max_steps: int = LIMIT["max_steps"].default
+    max_images: int = LIMIT["max_images"].default
+    max_pixels: int | None = LIMIT["max_pixels"].default
     warmup: bool = True
     embeddings: list = field(default_factory=list)   # textual-inversion files, FILE[:TOKEN]
     precision: str = "fp32"                           # fp32 | bf16 (sdrt.runtime.precision)

@@ -1,0 +1,173 @@
+"""``Pipeline.request``'s checks: every setting against the table (sdrt.runtime.settings) and the model, into a
+``Request``. A bad setting is a UserError naming it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+
+import numpy as np
+
+from sdrt.errors import UserError
+from sdrt.runtime.schedulers import make_scheduler
+from sdrt.runtime.settings import DEFAULT_STRENGTH, SETTING, TABLE, check_size, shown
+
+logger = logging.getLogger("sdrt.runtime.pipeline")   # the name callers filter on, as before the move
+
+
+def _texts(what: str, value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(f"{what} {shown(value)}: must be a string or a non-empty list of strings")
+
+
+def _per_prompt(what: str, value, n: int) -> list[str]:
+    """One text per prompt: a string stands for every prompt, a list must have one per prompt."""
+    texts = _texts(what, value)
+    if isinstance(value, str):
+        return texts * n
+    if len(texts) != n:
+        raise UserError(f"{what}: {len(texts)} for {n} prompts; give one per prompt")
+    return texts
+
+
+def _pair(what: str, pair) -> tuple[int, int] | None:
+    if pair is None:
+        return None
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in pair):
+        raise UserError(f"{what} {shown(pair)}: must be two integers >= 0 (height, width / top, left)")
+    return tuple(pair)
+
+
+def _is_image_source(value) -> bool:
+    """A path or a PIL image (PIL is imported only if the caller already did: it made the image)."""
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def refuse_by_model(asked: dict, family: str, img2img: bool) -> None:
+    """The family and mode rules of the table: a setting given that this model family or this mode does not
+    take is refused in one line."""
+    for s in TABLE:
+        if s.name in asked and s.given(asked[s.name]):
+            why = s.family_refusal(family) or s.mode_refusal(asked[s.name], img2img,
+                                                              give="init_image (or init_latents)")
+            if why:
+                raise UserError(why)
+
+
+def make_request(pipe, prompt, negative_prompt=None, **asked):
+    """``Pipeline.request``: the keyword arguments are its own (see its docstring)."""
+    from sdrt.runtime.pipeline import Request
+
+    values = {name: SETTING[name].value(asked[name]) for name in
+              ("truncate", "weighting", "steps", "guidance", "guidance_rescale", "num_images", "seed", "scheduler")}
+    truncate, weighting, steps, guidance, guidance_rescale, num_images, seed, scheduler = values.values()
+    prompts = _texts("prompt", prompt)
+    negatives = [""] * len(prompts) if negative_prompt is None else \
+        _per_prompt("negative_prompt", negative_prompt, len(prompts))
+    # diffusers: `prompt_2 or prompt`, so an empty string is the same as none
+    prompt_2, negative_prompt_2 = asked["prompt_2"], asked["negative_prompt_2"]
+    prompts_2, negatives_2 = (None if v is None or v == "" else _per_prompt(what, v, len(prompts))
+                              for what, v in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
+    seed = secrets.randbits(63) if seed is None else seed
+    m = pipe.model
+    init_image, init_latents, strength = asked["init_image"], asked["init_latents"], asked["strength"]
+    if init_image is not None and init_latents is not None:
+        raise UserError("init_image and init_latents: give one of them")
+    img2img = init_image is not None or init_latents is not None
+    refuse_by_model(asked, m.family, img2img)
+    if len(m.text_encoders or ()) == 1 and (prompts_2 or negatives_2):
+        logger.warning("prompt_2 and negative_prompt_2 are ignored: this model's one text encoder reads "
+                       "prompt and negative_prompt, as in diffusers")
+        prompts_2 = negatives_2 = None
+    original_size, crop, target_size = (_pair(what, asked[what]) for what in ("original_size", "crop", "target_size"))
+    aesthetic_score, negative_aesthetic_score = (SETTING[what].value(asked[what])
+                                                 for what in ("aesthetic_score", "negative_aesthetic_score"))
+    denoising = {what: SETTING[what].value(asked[what]) for what in ("denoising_start", "denoising_end")
+                 if asked[what] is not None}
+    if len(denoising) == 2 and denoising["denoising_start"] >= denoising["denoising_end"]:
+        raise UserError(f"denoising_start {asked['denoising_start']:g}: must be below denoising_end "
+                        f"{asked['denoising_end']:g}")
+    if not img2img and not m.txt2img:
+        raise UserError(f"{pipe.engine_dir}: this model ({m.family}) only refines an image; give an init image")
+    height, width = (None if asked[what] is None else check_size(what, asked[what], m.size_multiple)
+                     for what in ("height", "width"))
+    strength_asked = strength is not None
+    if init_latents is not None:
+        shape = getattr(init_latents, "shape", None)
+        f, c = m.vae_scale_factor, m.latent_channels
+        if (not isinstance(init_latents, np.ndarray) or init_latents.ndim != 4 or init_latents.dtype.kind != "f"
+                or shape[1] != c or shape[0] not in (1, len(prompts) * num_images)):
+            raise UserError(f"init_latents {shown(init_latents)}: expected a float [1 or {len(prompts) * num_images}, "
+                            f"{c}, H/{f}, W/{f}] array (a Result's latents)")
+        lat_h, lat_w = int(shape[2]) * f, int(shape[3]) * f
+        if (height or lat_h, width or lat_w) != (lat_h, lat_w):
+            raise UserError(f"init_latents are of a {lat_w}x{lat_h} image but {width or lat_w}x{height or lat_h} "
+                            "was asked")
+        height, width = lat_h, lat_w
+        init_latents = np.ascontiguousarray(init_latents, dtype=np.float32)
+        strength = SETTING["strength"].value(DEFAULT_STRENGTH if strength is None else strength)
+    elif init_image is None:
+        strength = 1.0
+        height = m.default_height if height is None else height
+        width = m.default_width if width is None else width
+    else:
+        if _is_image_source(init_image):
+            from sdrt.runtime.images import load_init_image
+
+            init_image = load_init_image(init_image, m.vae_scale_factor, height, width)
+        strength = SETTING["strength"].value(DEFAULT_STRENGTH if strength is None else strength)
+        shape = getattr(init_image, "shape", None)
+        if (not isinstance(init_image, np.ndarray) or init_image.ndim != 4 or shape[0] != 1
+                or shape[1] != m.image_channels or init_image.dtype.kind != "f"):
+            raise UserError(
+                f"init_image {shown(init_image)}: expected a path, a PIL image or a float "
+                f"[1, {m.image_channels}, H, W] array in [-1, 1] (sdrt.runtime.images.load_init_image makes one)")
+        img_h, img_w = check_size("height", int(shape[2]), m.size_multiple), \
+            check_size("width", int(shape[3]), m.size_multiple)
+        if (height or img_h, width or img_w) != (img_h, img_w):
+            raise UserError(
+                f"init image is {img_w}x{img_h} but {width or img_w}x{height or img_h} was asked; resize it when "
+                "loading (give init_image as a path or PIL image and height/width resize it)")
+        height, width = img_h, img_w
+    # validates the name (or the config's own class) and the step count
+    sched = make_scheduler(scheduler, pipe.scheduler_config, steps)
+    # each refuses a setting that leaves no step to run
+    if "denoising_start" in denoising:
+        if strength_asked:
+            logger.warning("strength is ignored: denoising_start sets where the schedule starts, as in diffusers")
+        begin = sched.start_index(denoising["denoising_start"])
+    else:
+        begin = sched.begin_index(strength) if img2img else 0
+    if "denoising_end" in denoising:
+        sched.end_index(denoising["denoising_end"], begin)
+    embedded = bool(m.guidance_embedding_dim)
+    zero_negative = pipe.family.zero_negative(negative_prompt)
+    if negatives_2 and zero_negative and guidance > 1.0:
+        logger.warning("negative_prompt_2 is ignored without negative_prompt: this checkpoint conditions the "
+                       "unguided half on zeros (force_zeros_for_empty_prompt), as diffusers does")
+    unguided = "this model takes guidance as an input, with no unguided pass" if embedded else \
+        f"guidance {guidance:g} <= 1 runs no unguided pass"
+    if ((negative_prompt is not None and any(negatives)) or any(negatives_2 or ())) \
+            and (embedded or not guidance > 1.0):
+        logger.warning("the negative prompt is ignored: %s", unguided)  # diffusers drops it without a word
+    if guidance_rescale > 0 and (embedded or not guidance > 1.0):
+        logger.warning("guidance_rescale %g is ignored: %s", guidance_rescale, unguided)
+    req = Request(prompts, negatives, steps, guidance, seed, scheduler or "", height, width, num_images,
+                  init_image, strength, sched, truncate, weighting, guidance_embedded=embedded,
+                  zero_negative=zero_negative, original_size=original_size, crop=crop, target_size=target_size,
+                  aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                  guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2,
+                  denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
+                  init_latents=init_latents)
+    if pipe.prompt_reader is not None:
+        req.prompt_tokens = pipe.prepare_prompts(req)  # refuses a prompt longer than the engine takes
+    return req
