@@ -131,3 +131,38 @@ def test_no_unet_call_goes_past_the_batch_limit(sd1_engine):
     assert max(limited.batches) == 4 and 2 in limited.batches
     for a, b in zip(alone + served[0], want + want):
         assert psnr(a, b) >= 60
+
+
+def test_sdrt_serve_cache_interval_gives_sdrt_generate_s_pictures_and_parameters(cached_engine_dir, tmp_path):
+    """The real commands: `sdrt serve --cache-interval 2` over loopback against `sdrt generate --cache-interval 2`."""
+    import base64
+    import io
+    import subprocess
+    import sys
+
+    import httpx
+    from PIL import Image
+
+    from sdrt.runtime.images import read_png_parameters
+    from tests.conftest import ROOT
+    from tests.serve.conftest import start_serve
+
+    ask = dict(steps=6, seed=11, guidance=7.0, scheduler="euler_a", num_images=2)
+    prompt = "a blue square on a yellow background"
+    r = subprocess.run([sys.executable, "-m", "sdrt", "generate", str(cached_engine_dir), prompt, "-q",
+                        "-o", str(tmp_path / "g.png"), "--cache-interval", "2",
+                        *[a for k, v in ask.items() for a in (f"--{k.replace('_', '-')}", str(v))]],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    generated = [np.asarray(Image.open(tmp_path / f"g-{i}.png").convert("RGB")) for i in range(2)]
+    proc, url = start_serve(cached_engine_dir, "--cache-interval", "2", "--max-batch", "4")
+    try:
+        answer = httpx.post(f"{url}/v1/images", json=dict(prompt=prompt, **ask), timeout=300)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert answer.status_code == 200, answer.text
+    served = [Image.open(io.BytesIO(base64.b64decode(b))) for b in answer.json()["images"]]
+    for image, want, i in zip(served, generated, range(2)):
+        assert psnr(np.asarray(image.convert("RGB")), want) >= 60
+        assert image.text["parameters"] == read_png_parameters(tmp_path / f"g-{i}.png")
