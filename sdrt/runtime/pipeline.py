@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -31,6 +30,7 @@ from sdrt.runtime.manifest import TINY_VAE, Manifest
 from sdrt.runtime.modes import unoffered
 from sdrt.runtime.precision import check_precision
 from sdrt.runtime.prompts import PromptTokens
+from sdrt.runtime.requests import Request, Result, make_request  # noqa: F401 - importable from here as before
 from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
 from sdrt.runtime.settings import (  # noqa: F401 - the defaults, importable from here as before
@@ -46,69 +46,6 @@ VAES = ("full", "tiny")   # which VAE decoder makes the final images (tiny: `sdr
 
 logger = logging.getLogger(__name__)
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # the components a LoRA may patch
-
-
-@dataclass
-class Request:
-    """One generation's settings, checked against the model (``Pipeline.request`` builds and checks it)."""
-
-    prompts: list[str]
-    negative_prompts: list[str]
-    steps: int
-    guidance: float
-    seed: int
-    scheduler: str
-    height: int
-    width: int
-    num_images: int
-    init_image: np.ndarray | None = None   # [1, 3, H, W] float32 in [-1, 1]
-    strength: float = 1.0
-    schedule: Scheduler | None = field(default=None, repr=False, compare=False)  # built and checked by request()
-    truncate: bool = False      # keep each prompt's first 75 tokens (diffusers' cut) instead of chunking
-    weighting: bool = True      # read AUTOMATIC1111's emphasis syntax: (word), [word], (word:1.3), BREAK
-    prompt_tokens: PromptTokens | None = field(default=None, repr=False, compare=False)  # read by request()
-    guidance_embedded: bool = False   # an LCM-distilled UNet: guidance is an input, never a second pass
-    zero_negative: bool = False       # SDXL with no negative prompt: zeros instead of the encoded "" (its flag)
-    # SDXL's size and crop conditioning, in pixels (None: the output size), and the refiner's aesthetic scores
-    original_size: tuple[int, int] | None = None
-    crop: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
-    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
-    guidance_rescale: float = 0.0     # diffusers' rescale of the guided prediction's spread (0: none)
-    # SDXL base: what the second text encoder reads instead of the prompts / negative prompts (None: the same)
-    prompts_2: list[str] | None = None
-    negative_prompts_2: list[str] | None = None
-    # SDXL's base + refiner handoff: stop / start that far through the schedule (None: its end / start); the
-    # refiner starts from the base's latents (init_latents, [1 or batch, C, h, w], scaled as the UNet sees them)
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-    init_latents: np.ndarray | None = field(default=None, repr=False)
-    # inpainting: [1, 1, H, W] float32, 1 where the init image is repainted (binarised as diffusers' mask_processor)
-    mask: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def img2img(self) -> bool:
-        return self.init_image is not None or self.init_latents is not None
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.num_images
-
-    @property
-    def guided(self) -> bool:
-        # diffusers: classifier-free guidance only when guidance_scale > 1 and the UNet has no guidance input
-        return self.guidance > 1.0 and not self.guidance_embedded
-
-
-@dataclass
-class Result:
-    images: list[np.ndarray]                # each [H, W, 3] uint8
-    request: Request
-    latents: np.ndarray                     # final latents before decoding (scaled, as the UNet sees them)
-    timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
-
-
 
 
 def _integer(what: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
@@ -268,8 +205,6 @@ class Pipeline:
         at the same fraction, runs the rest of the same schedule without adding noise (``strength`` is then
         ignored, as there). ``init_latents`` without ``denoising_start`` is img2img from latents at ``strength``.
         """
-        from sdrt.runtime.requests import make_request
-
         return make_request(self, prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed,
                             scheduler=scheduler, height=height, width=width, num_images=num_images,
                             init_image=init_image, strength=strength, truncate=truncate, weighting=weighting,

@@ -1,5 +1,5 @@
-"""``Pipeline.request``'s checks: every setting against the table (sdrt.runtime.settings) and the model, into a
-``Request``. A bad setting is a UserError naming it."""
+"""A request and ``Pipeline.request``'s checks: every setting against the table (sdrt.runtime.settings) and the
+model, into a ``Request``; a bad setting is a UserError naming it. And a generation's ``Result``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,78 @@ import logging
 import os
 import secrets
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sdrt.errors import UserError
-from sdrt.runtime.schedulers import make_scheduler
-from sdrt.runtime.settings import DEFAULT_STRENGTH, SETTING, TABLE, check_size, shown
+from sdrt.runtime.prompts import PromptTokens
+from sdrt.runtime.schedulers import Scheduler, make_scheduler
+from sdrt.runtime.settings import (DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STRENGTH, SETTING,
+                                   TABLE, check_size, shown)
 
 logger = logging.getLogger("sdrt.runtime.pipeline")   # the name callers filter on, as before the move
+
+
+@dataclass
+class Request:
+    """One generation's settings, checked against the model (``Pipeline.request`` builds and checks it)."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str
+    height: int
+    width: int
+    num_images: int
+    init_image: np.ndarray | None = None   # [1, 3, H, W] float32 in [-1, 1]
+    strength: float = 1.0
+    schedule: Scheduler | None = field(default=None, repr=False, compare=False)  # built and checked by request()
+    truncate: bool = False      # keep each prompt's first 75 tokens (diffusers' cut) instead of chunking
+    weighting: bool = True      # read AUTOMATIC1111's emphasis syntax: (word), [word], (word:1.3), BREAK
+    prompt_tokens: PromptTokens | None = field(default=None, repr=False, compare=False)  # read by request()
+    guidance_embedded: bool = False   # an LCM-distilled UNet: guidance is an input, never a second pass
+    zero_negative: bool = False       # SDXL with no negative prompt: zeros instead of the encoded "" (its flag)
+    # SDXL's size and crop conditioning, in pixels (None: the output size), and the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    guidance_rescale: float = 0.0     # diffusers' rescale of the guided prediction's spread (0: none)
+    # SDXL base: what the second text encoder reads instead of the prompts / negative prompts (None: the same)
+    prompts_2: list[str] | None = None
+    negative_prompts_2: list[str] | None = None
+    # SDXL's base + refiner handoff: stop / start that far through the schedule (None: its end / start); the
+    # refiner starts from the base's latents (init_latents, [1 or batch, C, h, w], scaled as the UNet sees them)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    init_latents: np.ndarray | None = field(default=None, repr=False)
+    # inpainting: [1, 1, H, W] float32, 1 where the init image is repainted (binarised as diffusers' mask_processor)
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None or self.init_latents is not None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def guided(self) -> bool:
+        # diffusers: classifier-free guidance only when guidance_scale > 1 and the UNet has no guidance input
+        return self.guidance > 1.0 and not self.guidance_embedded
+
+
+@dataclass
+class Result:
+    images: list[np.ndarray]                # each [H, W, 3] uint8
+    request: Request
+    latents: np.ndarray                     # final latents before decoding (scaled, as the UNet sees them)
+    timings: dict = field(default_factory=dict)  # text_encoder_ms, unet_step_ms (list), vae_encode_ms, vae_decode_ms, total_s
 
 
 def _texts(what: str, value) -> list[str]:
@@ -65,8 +129,6 @@ def refuse_by_model(asked: dict, family: str, img2img: bool) -> None:
 
 def make_request(pipe, prompt, negative_prompt=None, **asked):
     """``Pipeline.request``: the keyword arguments are its own (see its docstring)."""
-    from sdrt.runtime.pipeline import Request
-
     values = {name: SETTING[name].value(asked[name]) for name in
               ("truncate", "weighting", "steps", "guidance", "guidance_rescale", "num_images", "seed", "scheduler")}
     truncate, weighting, steps, guidance, guidance_rescale, num_images, seed, scheduler = values.values()
