@@ -170,7 +170,7 @@ def create_app(service: Service) -> FastAPI:
         engine = service.require_engine()
         job = _submit(engine, [native_settings(body, engine.pipeline)], body.timeout, body.preview_every,
                       tag="jobs")[0]
-        return {"id": job.id, "state": job.state, "events": f"/v1/jobs/{job.id}/events"}
+        return {"id": job.id, "state": job.state.value, "events": f"/v1/jobs/{job.id}/events"}
 
     def _job(job_id: str) -> Job:
         job = service.engine.get(job_id) if service.engine is not None else None
@@ -193,7 +193,7 @@ def create_app(service: Service) -> FastAPI:
         if job.done:
             raise ServiceError(409, f"job {job_id!r} already finished ({job.state})", "conflict")
         service.engine.cancel(job_id)
-        return {"id": job.id, "state": job.state, "cancel_requested": True}
+        return {"id": job.id, "state": job.state.value, "cancel_requested": True}
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=api)
     async def job_events(job_id: str):

@@ -18,7 +18,8 @@ embeddings, guidance and scheduler (``sdrt.runtime.pipeline.Denoising``), and fi
 by the VAE in batches. Each request's image therefore equals what ``Pipeline.generate`` gives for it alone,
 up to the rounding of a different batch.
 
-Every accepted request gets exactly one final answer (:meth:`Job._finish` keeps the first): completed,
+Every accepted request gets exactly one final answer (:meth:`Engine._answer` keeps the first; job states
+change only there and in :meth:`Engine._move`, under the engine's one lock): completed,
 cancelled, timeout, error (an engine call failed: the requests in that call fail, the engine goes on), or
 shutdown (the engine closed before it ran).
 """
@@ -26,26 +27,24 @@ shutdown (the engine closed before it ran).
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import logging
 import math
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from sdrt.errors import StageError, UserError
 from sdrt.runtime.images import decode_to_uint8, encode_png
 from sdrt.serve.batching import StepScheduler
+from sdrt.serve.jobs import OUTCOMES, Job, JobFailed, JobResult, JobState  # noqa: F401 - importable from here
 from sdrt.serve.limits import LIMIT
 
 log = logging.getLogger("sdrt.serve")
 
-OUTCOMES = ("completed", "cancelled", "timeout", "error", "rejected", "shutdown")
 
 
 class QueueFull(UserError):
@@ -58,15 +57,6 @@ class QueueFull(UserError):
 
 class NotAccepting(UserError):
     """The engine is draining or closed, or not started (HTTP 503)."""
-
-
-class JobFailed(Exception):
-    """A job's final answer was not an image: ``outcome`` says why (cancelled, timeout, error, shutdown)."""
-
-    def __init__(self, outcome: str, message: str):
-        super().__init__(message)
-        self.outcome = outcome
-        self.message = message
 
 
 @dataclass
@@ -88,17 +78,6 @@ class Limits:
             raise UserError(f"num_images {req.batch}: at most {self.max_images} images per request on this service")
 
 
-@dataclass
-class JobResult:
-    images: list[np.ndarray]      # [H, W, 3] uint8 each
-    request: Any                  # the checked sdrt.runtime.pipeline.Request
-    timings: dict                 # queue_ms, text_encoder_ms, vae_encode_ms, unet_ms, unet_step_ms, vae_decode_ms, total_ms
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.request.seed]
-
-
 class Observer:
     """What the engine reports as it works (Prometheus metrics implement it; the default ignores all)."""
 
@@ -109,130 +88,14 @@ class Observer:
     def counts(self, waiting: int, running: int) -> None: ...
 
 
-class Job:
-    """One accepted request: its settings, its place in the engine, its events and its one final answer."""
-
-    _seqs = itertools.count()
-
-    def __init__(self, req, timeout: float, preview_every: int = 0, tag: str | None = None, id_prefix: str = ""):
-        self.id = id_prefix + uuid.uuid4().hex
-        self.seq = next(self._seqs)
-        self.req = req
-        self.tag = tag                         # the API it came through, for the log line
-        self.preview_every = preview_every
-        self.images = req.batch
-        self.img2img = req.img2img
-        self.created = time.monotonic()
-        self.created_wall = time.time()
-        self.deadline = self.created + timeout
-        self.state = "queued"                  # queued -> running -> decoding -> one of OUTCOMES
-        self.cancel_requested = False
-        self.key = None                        # batch key, once prepared
-        self.latent_shape = None
-        self.last_served = -1
-        self.loop = None                       # the Denoising, once prepared
-        self.timings: dict = {"unet_step_ms": []}
-        self.started = None                    # monotonic time of admission
-        self.first_step_at = None
-        self.result: JobResult | None = None
-        self.error: JobFailed | None = None
-        self.events: list[dict] = []           # replayed to late subscribers (preview payloads kept only last)
-        self.last_preview: dict | None = None
-        self._listeners: list[Callable[[dict], None]] = []
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-
-    # -- answers ----------------------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def outcome(self) -> str | None:
-        return self.state if self.state in OUTCOMES else None
-
-    def wait(self, timeout: float | None = None) -> JobResult:
-        """Block until the final answer; the result, or JobFailed. ``timeout`` here only bounds the wait."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.id} still {self.state} after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def cancel(self) -> None:
-        """Ask for cancellation: a queued job leaves the queue, a running one at the next step boundary."""
-        self.cancel_requested = True
-
-    def _finish(self, outcome: str, result: JobResult | None = None, message: str = "") -> bool:
-        """Record the final answer; False (and nothing changes) when the job already has one."""
-        with self._lock:
-            if self._done.is_set():
-                return False
-            self.state = outcome
-            self.timings["total_ms"] = (time.monotonic() - self.created) * 1e3
-            if outcome == "completed":
-                self.result = result
-                event = {"event": "done", "id": self.id, "seeds": result.seeds, "timings": self.timings}
-            else:
-                self.error = JobFailed(outcome, message)
-                event = {"event": "error", "id": self.id, "outcome": outcome, "message": message}
-            self.loop = None  # latents and embeddings are no longer needed
-            self._done.set()
-        self._emit(event)
-        return True
-
-    # -- events -----------------------------------------------------------------------------------------------
-    def subscribe(self, listener: Callable[[dict], None]) -> Callable[[], None]:
-        """Call ``listener(event)`` for every event from now on, after replaying those so far; returns an
-        unsubscribe function. Listeners run on the engine's worker thread: they must not block."""
-        with self._lock:
-            history = list(self.events)
-            if self.last_preview is not None and not self._done.is_set():
-                history.append(self.last_preview)
-            self._listeners.append(listener)
-        for event in history:
-            listener(event)
-
-        def unsubscribe():
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-        return unsubscribe
-
-    def _emit(self, event: dict) -> None:
-        with self._lock:
-            if event["event"] == "preview":
-                self.last_preview = event
-            else:
-                self.events.append(event)
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken listener must not break the engine
-                log.exception("event listener failed for job %s", self.id)
-
-    def describe(self) -> dict:
-        """The job's state as JSON-ready data (``GET /v1/jobs/{id}``)."""
-        loop = self.loop
-        info = {"id": self.id, "state": self.state, "created": self.created_wall,
-                "images": self.images, "steps": self.req.steps}
-        if loop is not None:
-            info["progress"] = {"step": loop.completed, "total": loop.total}
-        if self.error is not None:
-            info["error"] = self.error.message
-        if self.done:
-            info["timings"] = self.timings
-        return info
-
-
 class Engine:
     """Queue, worker and the step scheduler over one :class:`sdrt.runtime.Pipeline`."""
 
     def __init__(self, pipeline, *, max_batch: int = LIMIT["max_batch"].default,
                  max_queue: int = LIMIT["max_queue"].default, timeout: float = LIMIT["timeout"].default,
                  limits: Limits | None = None, decode_batch: int | None = None, observer: Observer | None = None,
-                 parameters_model: str = ""):
+                 parameters_model: str = "", clock: Callable[[], float] = time.monotonic):
+        """``clock``: monotonic seconds, for deadlines and queue times (tests inject one they control)."""
         if max_queue < 1:
             raise UserError(f"max_queue {max_queue}: must be >= 1")
         if not timeout > 0:
@@ -252,11 +115,12 @@ class Engine:
         self.limits = limits or Limits()
         self.observer = observer or Observer()
         self.parameters_model = parameters_model
+        self._clock = clock
         self._queue: list[Job] = []
         self._running: list[Job] = []
         self._finished: list[Job] = []        # denoised, waiting for the VAE decode
         self._jobs: dict[str, Job] = {}       # by id, kept a while after their answer for GET /v1/jobs/{id}
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()       # the one lock: the pools and every job's state change under it
         self._accepting = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -305,19 +169,20 @@ class Engine:
                 self._cv.wait(min(left, 0.1))
         return True
 
-    def close(self, drain_timeout: float = 0.0) -> None:
-        """Drain for up to ``drain_timeout`` s, answer whatever is left with 'shutdown', stop the worker."""
+    def close(self, drain_timeout: float = 0.0, join_timeout: float = 60.0) -> None:
+        """Drain for up to ``drain_timeout`` s, stop the worker (waiting up to ``join_timeout`` s for the engine
+        call it is in), and answer whatever is left with 'shutdown'. A worker still inside a call then changes
+        nothing of those jobs: their answer is final."""
         self.drain(drain_timeout)
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=join_timeout)
         with self._cv:
             left = self._queue + self._running + self._finished
-            self._queue, self._running, self._finished = [], [], []
         for job in left:
-            self._answer(job, "shutdown", message="the service shut down before this request finished")
+            self._answer(job, JobState.SHUTDOWN, message="the service shut down before this request finished")
 
     # -- submission -----------------------------------------------------------------------------------------
     def submit(self, prompt, negative_prompt=None, *, timeout: float | None = None, preview_every: int = 0,
@@ -353,7 +218,7 @@ class Engine:
             if len(self._queue) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._queue)} waiting, at most {self.max_queue}); retry later",
                                 retry_after=self._retry_after())
-            jobs = [Job(req, timeout, preview_every, tag, self.job_id_prefix) for req in reqs]
+            jobs = [Job(req, timeout, preview_every, tag, self.job_id_prefix, now=self._clock()) for req in reqs]
             for job in jobs:
                 self._jobs[job.id] = job
                 self._queue.append(job)
@@ -401,19 +266,11 @@ class Engine:
                         self._cv.wait(0.5)
                     if self._stopping:
                         return
-                    plan = self.scheduler.schedule(self._queue, self._running, self._finished, time.monotonic())
-                    for job, _ in plan.finish:
-                        self._remove(job)
-                    for job in plan.admit:
-                        self._queue.remove(job)
-                        self._running.append(job)
-                        job.state, job.started, job.last_served = "running", time.monotonic(), self._iteration
-                    if plan.admit:
-                        self._announce_positions()
-                    self._iteration += 1
-                for job, reason in plan.finish:
-                    self._answer(job, reason, message=("cancelled" if reason == "cancelled" else
-                                                       "the request's deadline passed before it finished"))
+                    plan = self.scheduler.schedule(self._queue, self._running, self._finished, self._clock())
+                    finish = self._apply_plan(plan)
+                for job, outcome in finish:
+                    self._answer(job, outcome, message=("cancelled" if outcome is JobState.CANCELLED else
+                                                        "the request's deadline passed before it finished"))
                 self._guarded(plan.admit, self._prepare)
                 self._guarded(plan.step, self._step)
                 self._guarded(plan.decode, self._decode)
@@ -426,9 +283,57 @@ class Engine:
             self.stop_accepting()
             with self._cv:
                 left = self._queue + self._running + self._finished
-                self._queue, self._running, self._finished = [], [], []
             for job in left:
-                self._answer(job, "error", message=self.broken)
+                self._answer(job, JobState.ERROR, message=self.broken)
+
+    # -- the one owner of job states: every change below is made under self._cv --------------------------------
+    def _apply_plan(self, plan) -> list[tuple[Job, JobState]]:
+        """Apply the scheduler's plan to the pools (the caller holds the lock): admitted jobs start running;
+        the jobs to finish (cancelled, past their deadline) are returned to be answered."""
+        for job in plan.admit:
+            self._move(job, JobState.RUNNING)
+            job.started, job.last_served = self._clock(), self._iteration
+        if plan.admit:
+            self._announce_positions()
+        self._iteration += 1
+        return [(job, JobState(reason)) for job, reason in plan.finish]
+
+    def _move(self, job: Job, state: JobState) -> bool:
+        """Move ``job`` forward to a working state and into its pool (the caller holds the lock); False when
+        it already has its final answer."""
+        if not job.state.may_become(state):
+            return False
+        pools = {JobState.QUEUED: self._queue, JobState.RUNNING: self._running, JobState.DECODING: self._finished}
+        pools[job.state].remove(job)
+        pools[state].append(job)
+        job.state = state
+        return True
+
+    def _answer(self, job: Job, outcome: JobState, result: JobResult | None = None, message: str = "") -> None:
+        """Give ``job`` its final answer, once: a job already answered keeps its first answer."""
+        with self._cv:
+            if job.state.final:
+                return
+            for pool in (self._queue, self._running, self._finished):
+                if job in pool:
+                    pool.remove(job)
+            event = job._settle(outcome, result, message, self._clock())
+            self._cv.notify_all()
+        job._emit(event, final=True)
+        if job.tag == "warmup":
+            log.info("warm-up request %s in %.0f ms", outcome, job.timings["total_ms"])
+            return
+        self.observer.finished(job)
+        if outcome is JobState.COMPLETED:
+            alpha = 0.2
+            self._service_s = (1 - alpha) * self._service_s + alpha * job.timings["total_ms"] / 1e3
+        req = job.req
+        log.info(json.dumps({
+            "event": "request", "id": job.id, "api": job.tag, "outcome": outcome.value,
+            "size": f"{req.width}x{req.height}", "steps": req.steps, "images": req.batch,
+            "scheduler": req.scheduler or None, "guidance": req.guidance, "img2img": job.img2img, "seed": req.seed,
+            "queue_ms": round(job.timings.get("queue_ms", job.timings["total_ms"]), 1),
+            "total_ms": round(job.timings["total_ms"], 1), **({"error": message} if message else {})}))
 
     def _guarded(self, jobs: list[Job], action: Callable[[list[Job]], None]) -> None:
         """Run one engine call; if it fails, the requests in it fail with its message and the engine goes on."""
@@ -440,39 +345,13 @@ class Engine:
             message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             log.error("engine call %s failed for %d request(s): %s", action.__name__, len(jobs), message)
             for job in jobs:
-                self._remove(job)
-                self._answer(job, "error", message=message)
-
-    def _remove(self, job: Job) -> None:
-        with self._cv:
-            for pool in (self._queue, self._running, self._finished):
-                if job in pool:
-                    pool.remove(job)
-            self._cv.notify_all()
-
-    def _answer(self, job: Job, outcome: str, result: JobResult | None = None, message: str = "") -> None:
-        if not job._finish(outcome, result, message):
-            return
-        if job.tag == "warmup":
-            log.info("warm-up request %s in %.0f ms", outcome, job.timings["total_ms"])
-            return
-        self.observer.finished(job)
-        if outcome == "completed":
-            alpha = 0.2
-            self._service_s = (1 - alpha) * self._service_s + alpha * job.timings["total_ms"] / 1e3
-        req = job.req
-        log.info(json.dumps({
-            "event": "request", "id": job.id, "api": job.tag, "outcome": outcome, "size": f"{req.width}x{req.height}",
-            "steps": req.steps, "images": req.batch, "scheduler": req.scheduler or None, "guidance": req.guidance,
-            "img2img": job.img2img, "seed": req.seed,
-            "queue_ms": round(job.timings.get("queue_ms", job.timings["total_ms"]), 1),
-            "total_ms": round(job.timings["total_ms"], 1), **({"error": message} if message else {})}))
+                self._answer(job, JobState.ERROR, message=message)
 
     # -- the three engine calls -------------------------------------------------------------------------------
     def _prepare(self, jobs: list[Job]) -> None:
         """Encode the admitted requests' prompts in one call (one by one if that call fails), then start each."""
         pipe = self.pipeline
-        now = time.monotonic()
+        now = self._clock()
         for job in jobs:
             job.timings["queue_ms"] = (now - job.created) * 1e3
         t0 = time.perf_counter()
@@ -491,57 +370,71 @@ class Engine:
 
     def _start(self, job: Job, texts, text_ms: float) -> None:
         timings: dict = {}
-        job.loop = self.pipeline.start(job.req, texts=texts, timings=timings)
-        job.timings["text_encoder_ms"] = timings.get("text_encoder_ms", text_ms)
+        loop = self.pipeline.start(job.req, texts=texts, timings=timings)
+        with self._cv:
+            if job.state.final:   # answered meanwhile (closed, say): nothing more to do for it
+                return
+            job.loop = loop
+            job.timings["text_encoder_ms"] = timings.get("text_encoder_ms", text_ms)
+            if "vae_encode_ms" in timings:
+                job.timings["vae_encode_ms"] = timings["vae_encode_ms"]
+            job.latent_shape = loop.latents.shape[1:]
+            job.key = (job.latent_shape, loop.context.shape[1:])
         if "vae_encode_ms" in timings:
-            job.timings["vae_encode_ms"] = timings["vae_encode_ms"]
             self.observer.stage("vae_encoder", timings["vae_encode_ms"] / 1e3)
-        job.latent_shape = job.loop.latents.shape[1:]
-        job.key = (job.latent_shape, job.loop.context.shape[1:])
-        job._emit({"event": "started", "id": job.id, "total": job.loop.total})
+        job._emit({"event": "started", "id": job.id, "total": loop.total})
 
     def _step(self, jobs: list[Job]) -> None:
+        with self._cv:
+            loops = [(job, job.loop) for job in jobs if not job.state.final]
+        if not loops:
+            return
         t0 = time.perf_counter()
-        outs = self.pipeline.evaluate_unet([job.loop for job in jobs])
+        outs = self.pipeline.evaluate_unet([loop for _, loop in loops])
         seconds = time.perf_counter() - t0
-        self.observer.unet_call(sum(j.images for j in jobs), sum(len(o) for o in outs), seconds)
-        now = time.monotonic()
-        for job, part in zip(jobs, outs):
-            self._guarded([job], lambda js, part=part: self._advance(js[0], part, seconds, now))
+        self.observer.unet_call(sum(job.images for job, _ in loops), sum(len(o) for o in outs), seconds)
+        now = self._clock()
+        for (job, loop), out in zip(loops, outs):
+            self._guarded([job], lambda js, loop=loop, out=out: self._advance(js[0], loop, out, seconds, now))
 
-    def _advance(self, job: Job, out: np.ndarray, seconds: float, now: float) -> None:
-        step = job.loop.advance(out)
-        job.last_served = self._iteration
-        job.timings["unet_step_ms"].append(seconds * 1e3)
-        if job.first_step_at is None:
-            job.first_step_at = now
+    def _advance(self, job: Job, loop, out: np.ndarray, seconds: float, now: float) -> None:
+        """Apply the model's output to one job: its scheduler steps, and its state moves on under the lock."""
+        step = loop.advance(out)
+        with self._cv:
+            if job.state.final:   # answered while the UNet ran (closed, cancelled): its answer stands
+                return
+            job.last_served = self._iteration
+            job.timings["unet_step_ms"].append(seconds * 1e3)
+            first = job.first_step_at is None
+            if first:
+                job.first_step_at = now
+            if loop.done:
+                self._move(job, JobState.DECODING)
+        if first:
             self.observer.first_step(now - job.created)
         job._emit({"event": "step", "id": job.id, "step": step.index + 1, "total": step.total})
         if job.preview_every and (step.index + 1) % job.preview_every == 0 and step.index + 1 < step.total:
             png = encode_png(self.pipeline.decode_preview(step.latents[:1])[0])
             job._emit({"event": "preview", "id": job.id, "step": step.index + 1,
                        "image": base64.b64encode(png).decode("ascii")})
-        if job.loop.done:
-            with self._cv:
-                if job in self._running:
-                    self._running.remove(job)
-                    self._finished.append(job)
-            job.state = "decoding"
 
     def _decode(self, jobs: list[Job]) -> None:
+        with self._cv:
+            loops = [(job, job.loop) for job in jobs if not job.state.final]
+        if not loops:
+            return
         t0 = time.perf_counter()
-        samples = self.pipeline.decode_batch([job.loop.latents for job in jobs])
+        samples = self.pipeline.decode_batch([loop.latents for _, loop in loops])
         ms = (time.perf_counter() - t0) * 1e3
         self.observer.stage("vae_decoder", ms / 1e3)
-        for job, part in zip(jobs, samples):
-            self._remove(job)
+        for (job, _), part in zip(loops, samples):
             job.timings["vae_decode_ms"] = ms
             job.timings["unet_ms"] = sum(job.timings["unet_step_ms"])
             if not np.isfinite(part).all():
-                self._answer(job, "error", message="vae_decoder produced NaN or inf; the engine or its precision is "
-                                                   "broken for these inputs")
+                self._answer(job, JobState.ERROR, message="vae_decoder produced NaN or inf; the engine or its "
+                                                          "precision is broken for these inputs")
                 continue
-            self._answer(job, "completed", JobResult(list(decode_to_uint8(part)), job.req, job.timings))
+            self._answer(job, JobState.COMPLETED, JobResult(list(decode_to_uint8(part)), job.req, job.timings))
 
     # -- convenience --------------------------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt=None, **settings) -> JobResult:

@@ -17,7 +17,8 @@ One registry per service, so several services (tests) live in one process.
 from __future__ import annotations
 
 from sdrt.errors import MissingDependencyError
-from sdrt.serve.engine import OUTCOMES, Observer
+from sdrt.serve.engine import Observer
+from sdrt.serve.jobs import OUTCOMES
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -173,16 +172,30 @@ def test_pickle_weights_need_the_explicit_flag(sd1_model, tmp_path):
     assert manifest(tmp_path / "e")["components"]["vae_decoder"]["parity"]["rel_l2"] <= 1e-4
 
 
+# `sdrt export` in a child process that stops, and says so, right after the first graph was written into its
+# temporary directory: the test stops it there, whatever this machine's speed
+_PAUSED_EXPORT = """
+import sys, time
+import sdrt.export.exporter as exporter
+written = exporter._entry
+def entry_then_pause(*args, **kwargs):
+    entry = written(*args, **kwargs)
+    print("paused after " + args[0], flush=True)
+    time.sleep(600)
+    return entry
+exporter._entry = entry_then_pause
+from sdrt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _start_export_and_wait_for_its_temporary(model: Path, target: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt", "export", str(model), str(target), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # until the first graph is being written
-        tmps = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp")]
-        if tmps and any((tmps[0] / c).exists() for c in ("text_encoder", "unet")):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "export finished before it could be stopped"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_EXPORT, "export", str(model), str(target), "-q"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()   # blocks until the first graph is written, or the export fails
+    assert line.startswith("paused after "), proc.communicate(timeout=60)[1]
+    tmps = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp")]
+    assert tmps and (tmps[0] / line.split()[-1]).is_dir()
     return proc
 
 
