@@ -37,6 +37,7 @@ from sdrt.runtime.images import encode_png
 from sdrt.runtime.settings import request_parameters
 from sdrt.serve.engine import Engine, Job, JobFailed, NotAccepting, QueueFull
 from sdrt.serve.metrics import Metrics
+from sdrt.serve.errors import ServiceError
 from sdrt.serve.playground import add_playground
 from sdrt.serve.schemas import (
     A1111_SAMPLER_NAMES, A1111Request, ImageRequest, OpenAIImageRequest, a1111_submissions, native_settings,
@@ -44,12 +45,6 @@ from sdrt.serve.schemas import (
 )
 
 FAILURE_STATUS = {"timeout": 504, "cancelled": 499, "shutdown": 503, "error": 500}
-
-
-class ServiceError(Exception):
-    def __init__(self, status: int, message: str, kind: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
 
 
 class Service:

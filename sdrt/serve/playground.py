@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from sdrt.runtime.pipeline import DEFAULT_GUIDANCE
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
+from sdrt.serve.errors import ServiceError
 
 ASSETS = {"playground.css": "text/css; charset=utf-8", "playground.js": "text/javascript; charset=utf-8"}
 PAGE_HEADERS = {
@@ -58,8 +59,6 @@ def add_playground(app: FastAPI, service) -> None:
     @app.get("/static/{name}", include_in_schema=False)
     async def asset(name: str):
         if name not in ASSETS:
-            from sdrt.serve.app import ServiceError
-
             raise ServiceError(404, f"static/{name}: no such file (there are {', '.join(sorted(ASSETS))})",
                                "not_found")
         return Response(_asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
