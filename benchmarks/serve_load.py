@@ -80,6 +80,14 @@ class Service:
                 values[name] = float(value)
         return values
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds the service process has used so far (Linux's /proc), or None where unknown."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -225,7 +233,10 @@ def main() -> int:
     bound = 1.0 / (per_sample * samples_per_image)
     report["unet_bound"] = {"batch": batch, "per_sample_ms": per_sample * 1e3, "samples_per_image": samples_per_image,
                             "images_per_s": bound, "fraction": top["images_per_s"] / bound}
-    print(f"UNet bound at batch {batch}: {per_sample * 1e3:.2f} ms/sample x {samples_per_image} samples/image = "
+    # the bound: the UNet alone in this process, once the service has stopped (nothing else running), on the same
+    # backend with the same session options the service uses
+    print(f"UNet bound at batch {batch} (alone, service stopped): {per_sample * 1e3:.2f} ms/sample x "
+          f"{samples_per_image} samples/image = "
           f"{bound:.3f} images/s; the service reached {top['images_per_s'] / bound:.0%} of it with "
           f"{top['clients']} clients" + (f", {top['speedup_vs_sequential']:.2f}x sequential" if 1 in runs else ""))
 
@@ -241,15 +252,20 @@ def load_runs(service: Service, body: dict, args, label: str = "") -> list[dict]
     runs = []
     closed_loop(service.url, body, 1, 1, args.max_seconds)
     for clients in [int(c) for c in args.clients.split(",")]:
-        before = service.metrics()
+        before, server_cpu, client_cpu = service.metrics(), service.cpu_s(), os.times()
         run = closed_loop(service.url, body, clients, args.requests, args.max_seconds)
         run.update(batch_stats(before, service.metrics()))
+        # what shared the cores: the service's CPU time and this load generator's, in cores over the run
+        used, now = service.cpu_s(), os.times()
+        run["load_generator_cores"] = (now.user + now.system - client_cpu.user - client_cpu.system) / run["wall_s"]
+        run["service_cores"] = None if used is None else (used - server_cpu) / run["wall_s"]
         runs.append(run)
         # under Ray, /metrics is the one replica's that answered: its batch figure is that replica's
         print(f"{label}{clients:>2} clients: {run['images_per_s']:.3f} images/s, p50 {run['latency_p50_s']:.2f} s, "
               f"p99 {run['latency_p99_s']:.2f} s, queue {run['queue_ms_mean']:.0f} ms, UNet batch "
               f"{run['unet_batch_mean']:.1f} samples, replicas {run['replicas']}, errors {run['errors']} "
-              f"{run['statuses']}", flush=True)
+              f"{run['statuses']}; cores used: service {run['service_cores'] or float('nan'):.2f}, "
+              f"load generator {run['load_generator_cores']:.2f}", flush=True)
     return runs
 
 

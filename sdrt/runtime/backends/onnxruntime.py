@@ -5,6 +5,12 @@ Session options are chosen by measurement on the CPU (see benchmarks/): all grap
 execution, one intra-op thread per available core, memory arena on, memory patterns off (a pattern is
 allocated afresh on the second call at each shape: at 512 px that call page-faulted 0.9 GB in the VAE decoder
 and its process peaked 0.9 GB higher, for no steady-state gain; benchmarks/RESULTS.md).
+
+Each session has its own intra-op thread pool, whose threads spin for a while after every call, waiting for the
+next. Only the UNets (``unet``, ``unet_deep``, ``unet_shallow``) are called back to back, so only their pools
+spin; the text encoders' and VAEs' sleep between calls. Spinning there stole a core from the UNet in the serving
+engine, which calls them between UNet steps: their spinning threads took 0.4 s of CPU each in a 3.4 s load run
+and the service made 14.4 images/s, against 15.8-16.9 with them sleeping (benchmarks/RESULTS.md, issue 23).
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+def spins(component: str) -> bool:
+    """Whether ``component``'s intra-op threads spin between calls: the UNets', called back to back (see above)."""
+    return component.split("_")[0] == "unet"
 
 
 def available_cores() -> int:
@@ -148,6 +159,8 @@ class OnnxRuntimeBackend(Backend):
         use_variant = variant is not None and runs_variant(ort.__version__, variant)
         path = manifest.graph_path(component, "cpu" if use_variant else None)
         opts = self.session_options()
+        if not spins(component):
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         keep = []
         if initializers:
             check_overrides(component, path, initializers)
