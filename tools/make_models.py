@@ -14,10 +14,12 @@ Real diffusers/transformers classes, the real CLIP vocabulary (tools/clip_vocab.
   / SD-Turbo's scheduler (Euler ancestral / Euler, trailing spacing): used with guidance 0 and 1-4 steps.
 * ``lcm-tiny``: an LCM-distilled SD1-style UNet (``time_cond_proj_dim``: the guidance embedding) with the
   LCM scheduler, saved as a LatentConsistencyModelPipeline.
+* ``sd1-inpaint-tiny`` / ``sdxl-inpaint-tiny``: the sd1-tiny / sdxl-tiny architectures with a 9-channel
+  inpainting UNet (latents, mask, masked-image latents), saved as StableDiffusion(XL)InpaintPipeline.
 * ``sd15``: the full-size SD1.5 architecture (860M-parameter UNet) for benchmarks; never in tests.
 * ``sdxl``: the full-size SDXL base 1.0 architecture (2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG text
   encoders, the SDXL VAE), its configs as stabilityai/stable-diffusion-xl-base-1.0 ships them, for benchmarks;
-  never in tests. Weights are saved in shards of at most 2 GB, so neither writing nor loading holds a whole
+  never in tests (``sd15-inpaint``: its 9-channel inpainting form). Weights are saved in shards of at most 2 GB, so neither writing nor loading holds a whole
   component's file in memory twice.
 
     python -m tools.make_models sd1-tiny OUT_DIR [--seed N]
@@ -35,8 +37,10 @@ from pathlib import Path
 from tools.clip_vocab import EOS, write_clip_tokenizer
 
 KINDS = ("sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny",
-         "lcm-tiny", "sd15", "sdxl")
-BENCHMARK_KINDS = ("sd15", "sdxl")  # full-size architectures: left at their random init, saved in shards
+         "lcm-tiny", "sd1-inpaint-tiny", "sdxl-inpaint-tiny", "sd15", "sd15-inpaint", "sdxl")
+BENCHMARK_KINDS = ("sd15", "sd15-inpaint", "sdxl")
+# inpainting UNets read the latents, the mask and the masked image's latents: 2 x latent channels + 1
+INPAINT_KINDS = {"sd1-inpaint-tiny": "sd1-tiny", "sdxl-inpaint-tiny": "sdxl-tiny", "sd15-inpaint": "sd15"}  # full-size architectures: left at their random init, saved in shards
 
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -152,6 +156,10 @@ SDXL_BASE_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out
 
 
 def _configs(kind: str) -> dict:
+    if kind in INPAINT_KINDS:
+        cfg = _configs(INPAINT_KINDS[kind])
+        latent = cfg["vae"]["latent_channels"]
+        return {**cfg, "unet": {**cfg["unet"], "in_channels": 2 * latent + 1}, "inpaint": True}
     if kind == "sd1-tiny":
         return dict(
             text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -236,11 +244,12 @@ def _pipeline(kind: str, cfg: dict, modules: dict, tok_dirs: dict):
     parts = dict(vae=modules["vae"], unet=modules["unet"], scheduler=scheduler)
     if kind.startswith("sdxl"):
         cls = diffusers.StableDiffusionXLImg2ImgPipeline if kind == "sdxl-refiner-tiny" else \
-            diffusers.StableDiffusionXLPipeline
+            diffusers.StableDiffusionXLInpaintPipeline if cfg.get("inpaint") else diffusers.StableDiffusionXLPipeline
         return cls(text_encoder=modules.get("text_encoder"), text_encoder_2=modules["text_encoder_2"],
                    tokenizer=tokenizers.get("tokenizer"), tokenizer_2=tokenizers["tokenizer_2"], add_watermarker=False,
                    **parts, **cfg["pipeline"])
-    cls = diffusers.LatentConsistencyModelPipeline if kind == "lcm-tiny" else diffusers.StableDiffusionPipeline
+    cls = diffusers.LatentConsistencyModelPipeline if kind == "lcm-tiny" else \
+        diffusers.StableDiffusionInpaintPipeline if cfg.get("inpaint") else diffusers.StableDiffusionPipeline
     return cls(text_encoder=modules["text_encoder"], tokenizer=tokenizers["tokenizer"], safety_checker=None,
                feature_extractor=None, requires_safety_checker=False, **parts)
 

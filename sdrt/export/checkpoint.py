@@ -16,8 +16,9 @@ from sdrt.errors import UserError
 from sdrt.runtime.families import Family, family_class
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "LatentConsistencyModelPipeline",
-                       "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "LatentConsistencyModelPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                       "StableDiffusionXLInpaintPipeline")
 # SDXL's added time ids, in the order diffusers' _get_add_time_ids lists them
 TIME_IDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 TIME_IDS_AESTHETIC = ("original_height", "original_width", "crop_top", "crop_left", "aesthetic_score")
@@ -115,10 +116,11 @@ class Checkpoint:
         if v.get("latents_mean") is not None or v.get("latents_std") is not None:
             raise UserError(f"{self.path}/vae: latents_mean/latents_std (a normalized latent space) is not supported yet")
         latent = v.get("latent_channels", 4)
-        if u.get("in_channels", 4) != latent:
+        if u.get("in_channels", 4) not in (latent, 2 * latent + 1):
             raise UserError(
-                f"{self.path}/unet: in_channels={u.get('in_channels')} but the VAE has {latent} latent channels "
-                "(inpainting UNets are not supported yet)")
+                f"{self.path}/unet: in_channels={u.get('in_channels')} but the VAE has {latent} latent channels: "
+                f"supported are {latent} (txt2img, img2img) and {2 * latent + 1} (inpainting: latents, mask and "
+                "masked-image latents)")
         if u.get("class_embed_type") or u.get("num_class_embeds"):
             raise UserError(f"{self.path}/unet: class-conditioned UNets (upscalers, unCLIP) are not supported yet")
         if not isinstance(u.get("sample_size", 64), int):
@@ -168,6 +170,8 @@ class Checkpoint:
         first = encoders[0]
         numbers = {
             "latent_channels": int(v.get("latent_channels", 4)),
+            # the latents' channels, or an inpainting UNet's 2 x latent + 1 (latents, mask, masked-image latents)
+            "unet_in_channels": int(u.get("in_channels", 4)),
             "vae_scale_factor": vae_scale_factor,
             "scaling_factor": float(v.get("scaling_factor", 0.18215)),
             "shift_factor": None if v.get("shift_factor") is None else float(v["shift_factor"]),

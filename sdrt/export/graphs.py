@@ -161,8 +161,9 @@ def graph_specs(numbers: dict, components=None) -> dict[str, GraphSpec]:
     img_c = numbers["image_channels"]
     f32, i64 = "float32", "int64"
     latent = ("batch", c, "latent_height", "latent_width")
+    unet_in = numbers.get("unet_in_channels", c)   # an inpainting UNet: latents, mask, masked-image latents
     shapes = {  # name -> (dtype, shape)
-        "sample": (f32, latent), "timestep": (f32, ("batch",)),
+        "sample": (f32, ("batch", unet_in, "latent_height", "latent_width")), "timestep": (f32, ("batch",)),
         # the UNet reads the text of k prompt chunks, L * k tokens (sdrt.runtime.prompts)
         "encoder_hidden_states": (f32, ("batch", "sequence", numbers["text_hidden_size"])),
         "text_embeds": (f32, ("batch", numbers.get("pooled_dim"))),

@@ -54,6 +54,11 @@ class SingleFile:
     shapes: dict[str, tuple[int, ...]]
 
     @property
+    def unet_in_channels(self) -> int:
+        """The UNet's input channels, read from conv_in (an inpainting UNet's: 9)."""
+        return self.shapes[UNET + "input_blocks.0.0.weight"][1]
+
+    @property
     def has_vae(self) -> bool:
         return any(k.startswith(VAE) for k in self.shapes)
 
@@ -80,10 +85,12 @@ def inspect_single_file(path: str | Path) -> SingleFile:
     if conv_in is None:
         raise UserError(f"{path}: not an original-layout Stable Diffusion checkpoint (no "
                         f"{UNET}input_blocks.0.0.weight; found {_sample(shapes)})")
-    if len(conv_in) == 4 and conv_in[1] != 4:
-        what = "an inpainting UNet" if conv_in[1] == 9 else "a UNet that takes extra input channels"
-        raise UserError(f"{path}: {what} ({conv_in[1]} input channels), which sdrt does not export; "
-                        "supported: txt2img/img2img UNets with 4 input channels")
+    # the latents' channels are what the UNet returns (its conv_out); an inpainting UNet also reads a mask and
+    # the masked image's latents: 2 x latent + 1
+    latent = (shapes.get(UNET + "out.2.weight") or (conv_in[1],))[0]
+    if len(conv_in) == 4 and conv_in[1] not in (latent, 2 * latent + 1):
+        raise UserError(f"{path}: a UNet that takes {conv_in[1]} input channels, which sdrt does not export; "
+                        f"supported: {latent} (txt2img, img2img) and {2 * latent + 1} (inpainting)")
     found = [f for f, key in TEXT.items() if key in shapes and (f != "sdxl" or SDXL_TEXT_1 in shapes)]
     if len(found) != 1:
         raise UserError(f"{path}: no text encoder sdrt knows (expected {TEXT['sd1']} for SD1.x, {TEXT['sd2']} "
@@ -116,6 +123,10 @@ def convert_single_file(sf: SingleFile, out_dir: Path, *, vae: str | Path | None
     configs = out_dir.parent / f"{out_dir.name}.configs"
     _write_configs(sf.family, Path(config_dir) if config_dir else None, configs)
     try:
+        unet_config = configs / "unet" / "config.json"
+        unet = json.loads(unet_config.read_text())
+        if sf.unet_in_channels != unet.get("in_channels", 4):   # an inpainting UNet: the configs say so first
+            unet_config.write_text(json.dumps(dict(unet, in_channels=sf.unet_in_channels), indent=2))
         prediction, how = _declared_prediction(sf, prediction_type)
         if prediction is not None:
             _set_prediction(configs, prediction)

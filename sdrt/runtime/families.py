@@ -78,6 +78,8 @@ class Family:
     # manifest model keys this family needs beyond the common ones
     model_keys: ClassVar[tuple[str, ...]] = ()
     txt2img: ClassVar[bool] = True
+    # inpainting's default strength (diffusers' inpaint pipelines: SD 1.0, SDXL 0.9999)
+    inpaint_strength: ClassVar[float] = 1.0
     # diffusers reads the VAE's force_upcast only in this family's pipelines (TensorRT then builds it fp32)
     vae_upcast: ClassVar[bool] = False
     # prompts are read by sdrt.runtime.prompts (weights, chunks, BREAK, textual-inversion embeddings)
@@ -138,6 +140,7 @@ class SDXL(Family):
     unet_conditioning = ("text_embeds", "time_ids")
     model_keys = ("text_encoders", "pooled_dim", "time_ids", "force_zeros_for_empty_prompt")
     vae_upcast = True
+    inpaint_strength = 0.9999
     weighted_prompts = False   # one 77-token chunk per encoder, unweighted (as diffusers)
 
     def load_text(self, engine_dir, embeddings: Sequence, manifest):

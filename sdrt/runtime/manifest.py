@@ -10,7 +10,7 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
                                   "vae": {"file", "sha256"} | null,
                                   "prediction_type": {"value": str, "how": str}}},   # how it was told
       "model": {                      # every model number, read from the checkpoint's configs
-        "latent_channels": int,       # unet in_channels == vae latent_channels
+        "latent_channels": int,       # the VAE's latent channels (what the UNet denoises and returns)
         "vae_scale_factor": int,      # 2 ** (len(vae.block_out_channels) - 1)
         "scaling_factor": float, "shift_factor": float | null,
         "sample_size": int,           # unet sample_size (latent pixels)
@@ -27,6 +27,8 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "txt2img": bool,              # false: img2img only (the SDXL refiner) (true)
         "force_upcast": bool,         # the VAE overflows in fp16 (SDXL's): TensorRT builds it fp32 (true)
         "guidance_embedding_dim": int | null,   # LCM-distilled UNet: guidance is its timestep_cond input (null)
+        "unet_in_channels": int,      # the UNet's input channels: latent_channels, or an inpainting UNet's
+                                      # 2 x latent_channels + 1 (latents, mask, masked-image latents) (latent_channels)
         # SDXL only:
         "text_encoders": [{"component": "text_encoder" | "text_encoder_2", "tokenizer": folder,
                            "hidden_size": int, "max_length": int, "pad_token": str, "pad_token_id": int,
@@ -98,7 +100,8 @@ MODEL_KEYS = (
 )
 
 SDXL_MODEL_KEYS = ("text_encoders", "pooled_dim", "time_ids", "force_zeros_for_empty_prompt")
-OPTIONAL_MODEL_KEYS = ("family", "txt2img", "force_upcast", "guidance_embedding_dim") + SDXL_MODEL_KEYS
+OPTIONAL_MODEL_KEYS = ("family", "txt2img", "force_upcast", "guidance_embedding_dim",
+                       "unet_in_channels") + SDXL_MODEL_KEYS
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,12 @@ class ModelNumbers:
     pooled_dim: int | None = None
     time_ids: tuple[str, ...] = ()
     force_zeros_for_empty_prompt: bool = False
+    unet_in_channels: int | None = None   # None (an older manifest): latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting UNet: it reads a mask and the masked image's latents beside the latents."""
+        return self.unet_in_channels is not None and self.unet_in_channels != self.latent_channels
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelNumbers":

@@ -176,7 +176,11 @@ class Pipeline:
                 negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE,
                 guidance_rescale: float = 0.0, prompt_2: str | Sequence[str] | None = None,
                 negative_prompt_2: str | Sequence[str] | None = None, denoising_end: float | None = None,
-                denoising_start: float | None = None, init_latents: np.ndarray | None = None) -> Request:
+                denoising_start: float | None = None, init_latents: np.ndarray | None = None,
+                mask: str | os.PathLike | np.ndarray | Image.Image | None = None, mask_blur: int = 0,
+                mask_invert: bool = False, masked_content: str = "original", inpaint_area: str = "whole",
+                inpaint_padding: int = 32, overlay: bool = False, outpaint: str | Sequence[int] | None = None,
+                noise_multiplier: float = 1.0) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -204,6 +208,18 @@ class Pipeline:
         ``init_latents`` (``[1 or batch, C, H/f, W/f]``, scaled as the UNet sees them) and ``denoising_start``
         at the same fraction, runs the rest of the same schedule without adding noise (``strength`` is then
         ignored, as there). ``init_latents`` without ``denoising_start`` is img2img from latents at ``strength``.
+
+        Inpainting (sdrt.runtime.masks), as diffusers' StableDiffusion(XL)InpaintPipeline: ``mask`` (a path, a PIL
+        image or an array; white is repainted) with ``init_image``; a 9-channel inpainting UNet reads the mask and
+        the masked picture, a 4-channel one has the init picture blended back outside the mask after every step.
+        ``strength`` then defaults to the family's (1.0; SDXL 0.9999, as diffusers). The output size defaults to
+        the picture's. AUTOMATIC1111's options: ``mask_blur`` (pixels), ``mask_invert``, ``masked_content``
+        (original, fill, latent-noise, latent-nothing), ``inpaint_area`` ("masked": a box around the mask, padded
+        by ``inpaint_padding`` pixels, processed at the output size, default the model's, and pasted back, as
+        diffusers' ``padding_mask_crop``), ``overlay`` (the original pasted back outside the mask). ``outpaint``
+        ``"LEFT,RIGHT,TOP,BOTTOM"`` extends the canvas by that many pixels and paints the new border.
+        ``mask_blur`` may be an (x, y) pair. ``noise_multiplier`` (img2img, inpainting): AUTOMATIC1111's initial
+        noise multiplier, the noise added to the init latents scaled by it (1: as diffusers).
         """
         return make_request(self, prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed,
                             scheduler=scheduler, height=height, width=width, num_images=num_images,
@@ -211,7 +227,10 @@ class Pipeline:
                             original_size=original_size, crop=crop, target_size=target_size,
                             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                             guidance_rescale=guidance_rescale, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                            denoising_end=denoising_end, denoising_start=denoising_start, init_latents=init_latents)
+                            denoising_end=denoising_end, denoising_start=denoising_start, init_latents=init_latents,
+                            mask=mask, mask_blur=mask_blur, mask_invert=mask_invert, masked_content=masked_content,
+                            inpaint_area=inpaint_area, inpaint_padding=inpaint_padding, overlay=overlay,
+                            outpaint=outpaint, noise_multiplier=noise_multiplier)
 
     def _size(self, what: str, value) -> int:
         return check_size(what, value, self.model.size_multiple)
@@ -333,6 +352,12 @@ class Pipeline:
         check_finite(component, sample)
         return decode_to_uint8(sample)
 
+    @staticmethod
+    def finish_images(req: Request, images) -> list[np.ndarray]:
+        """A request's decoded pictures [H, W, 3] uint8, finished: an inpainting request's pasted back into its
+        canvas or overlaid with it (sdrt.runtime.masks.Finish); others as they are."""
+        return [req.finish(image) for image in images] if req.finish is not None else list(images)
+
     def decode_preview(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents -> preview images [n, H, W, 3] uint8: with the tiny VAE decoder when the engine has
         one (a fraction of the full decoder's cost), else the full one."""
@@ -377,7 +402,7 @@ class Pipeline:
                 timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
             init = np.concatenate([init] * req.batch) if req.batch > 1 and len(init) == 1 else init
             if req.denoising_start is None:
-                noise = rng.randn(init.shape)
+                noise = rng.randn(init.shape) * np.float32(req.noise_multiplier)
                 latents = sched.add_noise(init, noise, begin).astype(np.float32)
             else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
                 latents = init.astype(np.float32)
@@ -389,7 +414,9 @@ class Pipeline:
         """The initial latents and the :class:`Inpainting` of a masked request, drawn as diffusers'
         StableDiffusion(XL)InpaintPipeline draws them: the init image's latents (when a 4-channel UNet blends
         them back, or strength < 1 starts from them), then the initial noise, then the masked image's latents
-        (always drawn there, whatever the UNet). At strength 1 the latents are pure noise."""
+        (always drawn there, whatever the UNet). At strength 1 the latents are pure noise. AUTOMATIC1111's
+        latent-noise / latent-nothing masked content replaces the init latents under the mask (its noise drawn
+        right after the init image's latents)."""
         from sdrt.runtime.masks import latent_mask
 
         reads_mask = self.unet_in_channels != self.model.latent_channels   # a 9-channel inpainting UNet
@@ -400,16 +427,20 @@ class Pipeline:
             latents = self.encode_image(image, rng)
             return np.concatenate([latents] * (req.batch // len(latents)))
 
+        mask = latent_mask(req.mask, shape[2:])
+        mask = np.concatenate([mask] * (req.batch // len(mask)))
         image_latents = encode(req.init_image) if not reads_mask or not full else None
-        noise = rng.randn(shape)
+        if image_latents is not None and req.masked_content in ("latent-noise", "latent-nothing"):
+            # AUTOMATIC1111's masked content: the init latents under the mask replaced by noise, or by zeros
+            fill = rng.randn(shape) if req.masked_content == "latent-noise" else np.float32(0)
+            image_latents = (image_latents * (np.float32(1) - mask) + fill * mask).astype(np.float32)
+        noise = rng.randn(shape) * np.float32(req.noise_multiplier)
         if full:
             latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:
             latents = sched.add_noise(image_latents, noise, begin).astype(np.float32)
         masked_latents = encode(req.init_image * (req.mask < 0.5))
         timings["vae_encode_ms"] = (time.perf_counter() - t0) * 1e3
-        mask = latent_mask(req.mask, shape[2:])
-        mask = np.concatenate([mask] * (req.batch // len(mask)))
         if reads_mask:
             return latents, Inpainting(mask, masked_latents=masked_latents)
         return latents, Inpainting(mask, image_latents=image_latents, noise=noise)
@@ -445,7 +476,7 @@ class Pipeline:
             if callback is not None:
                 callback(step)
         t0 = time.perf_counter()
-        images = self.decode_latents(latents)
+        images = self.finish_images(req, self.decode_latents(latents))
         timings["vae_decode_ms"] = (time.perf_counter() - t0) * 1e3
         timings["total_s"] = time.perf_counter() - t_start
         return Result(list(images), req, latents, timings)

@@ -8,14 +8,15 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from sdrt.errors import UserError
 from sdrt.runtime.prompts import PromptTokens
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
-from sdrt.runtime.settings import (DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STRENGTH, SETTING,
-                                   TABLE, check_size, shown)
+from sdrt.runtime.settings import (DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STRENGTH,
+                                   INPAINT_OPTIONS, SETTING, TABLE, check_size, shown)
 
 logger = logging.getLogger("sdrt.runtime.pipeline")   # the name callers filter on, as before the move
 
@@ -56,8 +57,12 @@ class Request:
     denoising_start: float | None = None
     denoising_end: float | None = None
     init_latents: np.ndarray | None = field(default=None, repr=False)
-    # inpainting: [1, 1, H, W] float32, 1 where the init image is repainted (binarised as diffusers' mask_processor)
+    # inpainting: [1, 1, H, W] float32, 1 where the init image is repainted (binarised as diffusers' mask_processor);
+    # what the init latents hold under the mask (sdrt.runtime.masks.MASKED_CONTENT); how the pictures are finished
     mask: np.ndarray | None = field(default=None, repr=False)
+    masked_content: str = "original"
+    noise_multiplier: float = 1.0     # AUTOMATIC1111's initial noise multiplier (img2img and inpainting)
+    finish: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def img2img(self) -> bool:
@@ -160,6 +165,17 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
                         f"{asked['denoising_end']:g}")
     if not img2img and not m.txt2img:
         raise UserError(f"{pipe.engine_dir}: this model ({m.family}) only refines an image; give an init image")
+    mask, outpaint = asked["mask"], asked["outpaint"]
+    inpaint = None
+    if m.inpainting and mask is None and outpaint is None:   # diffusers' inpaint pipelines need image and mask
+        raise UserError(f"{pipe.engine_dir}: an inpainting model (its UNet reads a mask); give init_image and mask "
+                        "(or outpaint)")
+    noise_multiplier = SETTING["noise_multiplier"].value(asked["noise_multiplier"])
+    if mask is None and outpaint is None:
+        given = [name for name in INPAINT_OPTIONS if SETTING[name].given(asked[name])]
+        if given:
+            raise UserError(f"{given[0]} {shown(asked[given[0]])}: only inpainting uses it; give mask (and "
+                            "init_image) too, or leave it out")
     height, width = (None if asked[what] is None else check_size(what, asked[what], m.size_multiple)
                      for what in ("height", "width"))
     strength_asked = strength is not None
@@ -177,6 +193,26 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
         height, width = lat_h, lat_w
         init_latents = np.ascontiguousarray(init_latents, dtype=np.float32)
         strength = SETTING["strength"].value(DEFAULT_STRENGTH if strength is None else strength)
+    elif mask is not None or outpaint is not None:
+        if init_image is None:
+            raise UserError(f"{'mask' if mask is not None else 'outpaint'}: inpainting needs init_image too (the "
+                            "picture to repaint)")
+        if "denoising_start" in denoising:
+            raise UserError("denoising_start with mask: inpainting starts from the init image, not handed-over latents")
+        from sdrt.runtime.masks import prepare
+
+        blur = asked["mask_blur"]
+        blur = tuple(SETTING["mask_blur"].value(b, "mask_blur") for b in blur) \
+            if isinstance(blur, (tuple, list)) and len(blur) == 2 else (SETTING["mask_blur"].value(blur),) * 2
+        inpaint = prepare(init_image, mask, height=height, width=width, multiple=m.size_multiple,
+                          default_size=(m.default_height, m.default_width), mask_blur=blur,
+                          mask_invert=asked["mask_invert"], masked_content=asked["masked_content"],
+                          inpaint_area=asked["inpaint_area"], inpaint_padding=asked["inpaint_padding"],
+                          overlay=asked["overlay"], outpaint_sides=outpaint)
+        height, width = (check_size(what, v, m.size_multiple) for what, v in
+                         (("height", inpaint.image.shape[2]), ("width", inpaint.image.shape[3])))
+        init_image, mask = inpaint.image, inpaint.mask
+        strength = SETTING["strength"].value(pipe.family.inpaint_strength if strength is None else strength)
     elif init_image is None:
         strength = 1.0
         height = m.default_height if height is None else height
@@ -229,7 +265,9 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
                   aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                   guidance_rescale=guidance_rescale, prompts_2=prompts_2, negative_prompts_2=negatives_2,
                   denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
-                  init_latents=init_latents)
+                  init_latents=init_latents, mask=mask, noise_multiplier=noise_multiplier,
+                  masked_content=inpaint.masked_content if inpaint else "original",
+                  finish=inpaint.finish if inpaint else None)
     if pipe.prompt_reader is not None:
         req.prompt_tokens = pipe.prepare_prompts(req)  # refuses a prompt longer than the engine takes
     return req

@@ -20,6 +20,10 @@ REQUIRED = ...   # the default of a setting every request must give (the prompt)
 # the SDXL families (sdrt.runtime.families): a pooled text embedding and size/crop/aesthetic time ids
 XL = tuple(name for name, f in FAMILIES.items() if "time_ids" in f.unet_conditioning)
 IMG2IMG = ("img2img",)
+MASKED_CONTENT = ("original", "fill", "latent-noise", "latent-nothing")
+INPAINT_AREAS = ("whole", "masked")
+# the settings only inpainting reads (with mask, or outpaint)
+INPAINT_OPTIONS = ("mask_blur", "mask_invert", "masked_content", "inpaint_area", "inpaint_padding", "overlay")
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -171,6 +175,39 @@ TABLE: tuple[Setting, ...] = (
             "in (0, 1]", lambda v: 0 < v <= 1, modes=IMG2IMG, native="strength", json=float | None,
             api_help="img2img only: how much to change it (default {strength})", flag="--strength",
             a1111="denoising_strength", label="Denoising strength", bad=(0.5, 1.5)),
+    # inpainting (sdrt.runtime.masks): diffusers' StableDiffusion(XL)InpaintPipeline, AUTOMATIC1111's options
+    Setting("mask", str, None, "inpainting: white in this picture is repainted, black kept (needs --init-image)",
+            modes=IMG2IMG, native="mask", json=str | None, api_help="inpainting: the mask, base64; white is repainted",
+            flag="--mask", metavar="PATH", a1111="mask"),
+    Setting("mask_blur", int, 0, "inpainting: blur the mask by this many pixels, as AUTOMATIC1111 does (default 0)",
+            "an integer >= 0", lambda v: v >= 0, modes=IMG2IMG, native="mask_blur", flag="--mask-blur",
+            metavar="PX", a1111="mask_blur", label="Mask blur", bad=(-1,)),
+    Setting("mask_invert", bool, False, "inpainting: repaint the black of the mask instead of the white",
+            "True or False", modes=IMG2IMG, native="mask_invert", flag="--mask-invert", a1111="inpainting_mask_invert",
+            bad=("yes",)),
+    Setting("masked_content", str, "original", "inpainting: what the repainted area starts from: original (default), "
+            "fill (the colours around it), latent-noise, latent-nothing", "one of " + ", ".join(MASKED_CONTENT),
+            lambda v: v in MASKED_CONTENT, modes=IMG2IMG, native="masked_content", flag="--masked-content",
+            metavar="|".join(MASKED_CONTENT), a1111="inpainting_fill", label="Masked content", bad=("blank",)),
+    Setting("inpaint_area", str, "whole", "inpainting: whole (default: the whole picture at the output size) or "
+            "masked (a box around the mask at the output size, pasted back)", "one of " + ", ".join(INPAINT_AREAS),
+            lambda v: v in INPAINT_AREAS, modes=IMG2IMG, native="inpaint_area", flag="--inpaint-area",
+            metavar="whole|masked", a1111="inpaint_full_res", label="Inpaint area", bad=("all",)),
+    Setting("inpaint_padding", int, 32, "inpainting with --inpaint-area masked: pixels around the mask in the box "
+            "(default {default})", "an integer >= 0", lambda v: v >= 0, modes=IMG2IMG, native="inpaint_padding",
+            flag="--inpaint-padding", metavar="PX", a1111="inpaint_full_res_padding", label="Masked area padding",
+            bad=(-4,)),
+    Setting("overlay", bool, False, "inpainting: paste the original back outside the mask, as AUTOMATIC1111 always "
+            "does (default off: the pictures equal diffusers')", "True or False", modes=IMG2IMG, native="overlay",
+            flag="--overlay", bad=("yes",)),
+    Setting("outpaint", str, None, "extend the canvas by LEFT,RIGHT,TOP,BOTTOM pixels and paint the new border "
+            "(needs --init-image)", "LEFT,RIGHT,TOP,BOTTOM, four integers >= 0", modes=IMG2IMG, native="outpaint",
+            json=str | None, api_help="LEFT,RIGHT,TOP,BOTTOM pixels to add and paint around init_image",
+            flag="--outpaint", metavar="L,R,T,B", bad=("1,2,3",)),
+    Setting("noise_multiplier", float, 1.0, "img2img and inpainting: scale the noise added to the init image, as "
+            "AUTOMATIC1111's initial noise multiplier (default 1)", "a number in (0, 2]", lambda v: 0 < v <= 2,
+            modes=IMG2IMG, native="noise_multiplier", flag="--noise-multiplier", metavar="F",
+            a1111="initial_noise_multiplier", label="Noise multiplier", bad=(0.0, 3.0)),
     Setting("timeout", float, None, "", native="timeout", json=float | None,
             api_help="seconds; at most the service's --timeout", pipeline=False, bad=(1e9,)),
     Setting("preview_every", int, 0, "", native="preview_every",
@@ -243,7 +280,8 @@ def add_options(parser, names: Iterable[str], defaults: dict | None = None,
 
 
 # the PNG parameters: settings that add a label only when they differ from the default, with the text they show
-_SHOWN_WHEN_GIVEN = {"weighting": lambda v: "None", "guidance_rescale": lambda v: v}
+_SHOWN_WHEN_GIVEN = {"weighting": lambda v: "None", "guidance_rescale": lambda v: v, "noise_multiplier": lambda v: v,
+                     "masked_content": lambda v: v}
 
 
 def request_parameters(req, scheduler: str, model: str, index: int = 0) -> str:

@@ -434,7 +434,8 @@ class Engine:
                 self._answer(job, JobState.ERROR, message="vae_decoder produced NaN or inf; the engine or its "
                                                           "precision is broken for these inputs")
                 continue
-            self._answer(job, JobState.COMPLETED, JobResult(list(decode_to_uint8(part)), job.req, job.timings))
+            images = self.pipeline.finish_images(job.req, decode_to_uint8(part))
+            self._answer(job, JobState.COMPLETED, JobResult(images, job.req, job.timings))
 
     # -- convenience --------------------------------------------------------------------------------------------
     def generate(self, prompt, negative_prompt=None, **settings) -> JobResult:

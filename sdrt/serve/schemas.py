@@ -48,10 +48,14 @@ def decode_base64_image(data: str, field: str) -> bytes:
 def native_settings(body: ImageRequest, pipeline) -> dict:
     """Keyword arguments for ``Engine.submit`` from a native request (the init image decoded and prepared)."""
     settings = {name: getattr(body, field) for field, name in NATIVE_SETTINGS.items() if name != "init_image"}
+    if settings.get("mask") is not None:
+        settings["mask"] = decode_base64_image(settings["mask"], "mask")
     if body.init_image is None:
-        return settings   # Pipeline.request refuses a strength without an init image
-    return with_init_image(settings, decode_base64_image(body.init_image, "init_image"), pipeline,
-                           settings.pop("strength"))
+        return settings   # Pipeline.request refuses a strength (or a mask) without an init image
+    image = decode_base64_image(body.init_image, "init_image")
+    if settings.get("mask") is not None or settings.get("outpaint") is not None:
+        return dict(settings, init_image=image)   # inpainting prepares the picture itself (and keeps it to paste back)
+    return with_init_image(settings, image, pipeline, settings.pop("strength"))
 
 
 def with_init_image(settings: dict, image: bytes, pipeline, strength: float | None) -> dict:
@@ -108,8 +112,17 @@ class A1111Request(BaseModel):
     styles: list[str] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = None
-    mask: str | None = None
     send_images: bool = True
+    # inpainting (img2img with a mask), AUTOMATIC1111's defaults; the original is always pasted back outside the mask
+    mask: str | None = None
+    mask_blur: int | None = None           # both axes; None: mask_blur_x and mask_blur_y
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0               # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True          # "only masked"
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
 
 
 def a1111_scheduler(sampler: str | None, schedule: str | None) -> str | None:
@@ -148,8 +161,6 @@ def a1111_refusals(body: A1111Request, img2img: bool) -> None:
                if not (isinstance(spec, dict) and spec.get("args") in ([], [False], None))]
     if enabled:
         asked.append(f"alwayson_scripts {', '.join(enabled)}")
-    if body.mask or (body.model_extra or {}).get("mask_image"):
-        asked.append("mask (inpainting)")
     if asked:
         raise UserError(f"{'; '.join(asked)}: not supported by sdrt")
     if img2img and not body.init_images:
@@ -158,6 +169,22 @@ def a1111_refusals(body: A1111Request, img2img: bool) -> None:
         raise UserError(f"init_images: {len(body.init_images)} given, sdrt takes one")
     if not body.send_images:
         raise UserError("send_images false: sdrt answers with the images (it saves none on the server)")
+
+
+A1111_FILL = ("fill", "original", "latent-noise", "latent-nothing")   # inpainting_fill 0..3
+
+
+def a1111_inpainting(body: A1111Request) -> dict:
+    """Pipeline.request's inpainting settings for an A1111 img2img request with a mask, as A1111 runs it: its
+    mask blur per axis, masked content, "only masked" with its padding, and the original pasted back."""
+    if body.inpainting_fill not in range(len(A1111_FILL)):
+        raise UserError(f"inpainting_fill {body.inpainting_fill!r}: must be 0 (fill), 1 (original), 2 (latent noise) "
+                        "or 3 (latent nothing)")
+    blur = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x, body.mask_blur_y)
+    return dict(mask=decode_base64_image(body.mask, "mask"), mask_blur=blur,
+                mask_invert=bool(body.inpainting_mask_invert), masked_content=A1111_FILL[body.inpainting_fill],
+                inpaint_area="masked" if body.inpaint_full_res else "whole",
+                inpaint_padding=body.inpaint_full_res_padding, overlay=True)
 
 
 def a1111_submissions(body: A1111Request, img2img: bool, pipeline) -> tuple[list[dict], list[int]]:
@@ -174,8 +201,15 @@ def a1111_submissions(body: A1111Request, img2img: bool, pipeline) -> tuple[list
                     height=body.height, width=body.width)
     if img2img:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-        settings = with_init_image(settings, decode_base64_image(body.init_images[0], "init_images[0]"), pipeline,
-                                   strength)
+        image = decode_base64_image(body.init_images[0], "init_images[0]")
+        if body.mask:
+            settings.update(a1111_inpainting(body), init_image=image, strength=strength)
+        else:
+            settings = with_init_image(settings, image, pipeline, strength)
+        if body.initial_noise_multiplier is not None:
+            settings["noise_multiplier"] = body.initial_noise_multiplier
+    elif body.mask:
+        raise UserError("mask: inpainting is /sdapi/v1/img2img with init_images")
     seeds = [seed + i for i in range(count)]
     return [dict(settings, seed=s) for s in seeds], seeds
 

@@ -143,10 +143,13 @@ def test_unsupported_pipelines_and_unets_are_named(sd1_model, tmp_path):
     shutil.copytree(sd1_model, model)
     index_path = model / "model_index.json"
     index = json.loads(index_path.read_text())
-    index_path.write_text(json.dumps(dict(index, _class_name="StableDiffusionInpaintPipeline")))
-    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "StableDiffusionInpaintPipeline", "supported:")
+    index_path.write_text(json.dumps(dict(index, _class_name="StableDiffusionUpscalePipeline")))
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "StableDiffusionUpscalePipeline", "supported:")
     index_path.write_text(json.dumps(index))
     unet = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps(dict(unet, in_channels=7)))
+    assert_one_line_error(run_cli("export", model, tmp_path / "e"), "in_channels=7",
+                          "supported are 4 (txt2img, img2img) and 9 (inpainting")
     (model / "unet" / "config.json").write_text(json.dumps(dict(unet, addition_embed_type="text_time")))
     assert_one_line_error(run_cli("export", model, tmp_path / "e"), "addition_embed_type='text_time'")
 

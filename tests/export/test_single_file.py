@@ -153,7 +153,8 @@ def test_sdxl_single_file_exports_like_its_folder(tiny_model, tmp_path):
       "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["SDXL refiner", "diffusers folder"]),
     ({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 32),
       "model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["no text encoder sdrt knows", "SDXL"]),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 9, 3, 3)}, ["inpainting", "9 input channels"]),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (8, 7, 3, 3), "model.diffusion_model.out.2.weight": (4, 8, 3, 3)},
+     ["7 input channels", "supported: 4 (txt2img, img2img) and 9 (inpainting)"]),
     ({"down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)}, ["not an original-layout", "down_blocks.0.resnets"]),
     ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, ["no text encoder sdrt knows"]),
 ])

@@ -75,6 +75,10 @@ class FakePipeline:
     def decode_batch(self, latents):
         return [np.zeros((len(x), 3, 4, 4), np.float32) for x in latents]
 
+    @staticmethod
+    def finish_images(req, images):
+        return list(images)
+
     def decode_preview(self, latents):
         return np.zeros((len(latents), 4, 4, 3), np.uint8)
 
