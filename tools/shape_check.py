@@ -77,18 +77,23 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+def object_mask(image) -> tuple[str, np.ndarray]:
+    """(background color, the object's pixels): the corners' majority color, and the largest blob of pixels far
+    from it (more than half the smallest distance between two named colors, 255)."""
+    img = np.asarray(image).astype(np.float32)
+    corners = [img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]]
+    votes = [nearest_color(c) for c in corners]
+    background = max(set(votes), key=votes.count)
+    dist = np.sqrt(((img - np.array(COLORS[background], dtype=np.float32)) ** 2).sum(-1))
+    return background, _largest_blob(dist > 128.0)
+
+
 def classify(image) -> dict:
     """``image``: HxWx3 uint8 -> dict(background=color, object=color|None, shape=shape|None, fill=float)."""
     img = np.asarray(image).astype(np.float32)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
-    corners = [img[0, 0], img[0, -1], img[-1, 0], img[-1, -1]]
-    votes = [nearest_color(c) for c in corners]
-    background = max(set(votes), key=votes.count)
-    bg_rgb = np.array(COLORS[background], dtype=np.float32)
-    # far from the background: more than half the smallest distance between two named colors (255)
-    dist = np.sqrt(((img - bg_rgb) ** 2).sum(-1))
-    blob = _largest_blob(dist > 128.0)
+    background, blob = object_mask(img)
     if blob.sum() < 4:
         return dict(background=background, object=None, shape=None, fill=0.0)
     obj_rgb = np.median(img[blob], axis=0)

@@ -109,3 +109,14 @@ def test_profile_fits_and_describe():
     assert not profile_fits(p, {"latent_sample": (1, 4, 8, 32)})
     assert not profile_fits(p, {"other": (1,)})
     assert describe_profile(p) == "latent_sample [1,4,16,16]..[2,4,32,32]"
+
+
+def test_an_inpainting_unet_profiles_its_nine_channels():
+    """The channel count comes from the manifest's input spec: a 9-channel inpainting UNet's sample keeps 9."""
+    req = make_request(MODEL, batch="1:2:4", height="32:64:128", width="64:64:64")
+    inputs = [{"name": "sample", "dtype": "float32", "shape": ["batch", 9, "latent_height", "latent_width"]},
+              {"name": "timestep", "dtype": "float32", "shape": ["batch"]}]
+    (profile,) = component_profiles("unet", inputs, MODEL, req)
+    f = MODEL["vae_scale_factor"]
+    assert profile["sample"] == {"min": [1, 9, 32 // f, 64 // f], "opt": [4, 9, 64 // f, 64 // f],
+                                 "max": [8, 9, 128 // f, 64 // f]}

@@ -195,3 +195,79 @@ def _wait_state(url: str, job_id: str, state: str, timeout: float = 30) -> None:
     while httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["state"] != state:
         assert time.monotonic() < deadline, f"job {job_id} never {state}"
         time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_browser_paints_a_mask_and_inpaints(shapes_engine, tmp_path):
+    """Upload a picture, paint over its object with the brush (and erase a stroke), send: the mask the service
+    receives is what was painted, the object comes back in the asked colour, and every pixel outside the mask is
+    the picture's own."""
+    chromium = _chromium()
+    sync_playwright = _playwright()
+    from tools.shape_check import object_mask
+
+    from sdrt.runtime import Pipeline
+
+    pipe = Pipeline(shapes_engine)
+    try:
+        source = pipe.generate(PROMPT, steps=25, seed=2).images[0]
+    finally:
+        pipe.close()
+    Image.fromarray(source).save(tmp_path / "source.png")
+    _, blob = object_mask(source)
+    ys, xs = np.nonzero(blob)
+    top, bottom, left, right = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
+    sent: list[dict] = []
+    proc, url = start_serve(shapes_engine)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 900})
+                page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/jobs") else None)
+                page.goto(f"{url}/")
+                page.wait_for_selector("#health.ready")
+                page.fill("#prompt", "a yellow circle on a blue background")
+                page.fill("#seed", "2")
+                page.set_input_files("#picture", str(tmp_path / "source.png"))
+                page.wait_for_selector("#painting:not([hidden])")
+                box = page.locator("#mask-canvas").bounding_box()
+                scale = box["width"] / source.shape[1]
+
+                def to_page(x, y):
+                    return box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale
+
+                page.fill("#brush-size", "3")
+                for y in range(top, bottom + 1, 2):      # paint the object's box, row by row
+                    page.mouse.move(*to_page(left, y))
+                    page.mouse.down()
+                    page.mouse.move(*to_page(right, y), steps=4)
+                    page.mouse.up()
+                page.check("#eraser")                     # and erase a stray stroke outside it
+                page.mouse.move(*to_page(1, 1))
+                page.mouse.down()
+                page.mouse.move(*to_page(1, 1), steps=1)
+                page.mouse.up()
+                page.click("#generate")
+                page.wait_for_selector(".result-image")
+                page.wait_for_function("() => document.querySelector('.result-image').complete")
+                page.screenshot(path=str(ARTIFACTS / "playground-inpaint.png"), full_page=True)
+                pixels = page.eval_on_selector(".result-image", READ_PIXELS)
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    import base64
+    import io
+
+    (body,) = sent
+    assert body["init_image"].startswith("data:image/png;base64,") and body["overlay"] is True
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"].partition(",")[2]))).convert("L")) > 127
+    assert mask[blob].all()                                  # the painted mask covers the object
+    assert not mask[: max(0, top - 2)].any() and not mask[0, 0]   # and nothing far from it
+    shown = np.array(pixels["rgba"], dtype=np.uint8).reshape(pixels["height"], pixels["width"], 4)[..., :3]
+    np.testing.assert_array_equal(shown[~mask], source[~mask])
+    got = classify(shown)
+    assert (got["object"], got["background"]) == ("yellow", "blue"), got

@@ -27,7 +27,114 @@ function setup() {
   $("api-key-row").hidden = !config.api_key_required;
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   $("cancel").addEventListener("click", cancel);
+  setupPainting();
   checkHealth();
+}
+
+// ---- the picture to change and its mask ------------------------------------------------------------------------
+// The mask canvas holds what was painted as translucent red; what is painted (alpha > 0) is white in the mask sent.
+const PAINT = "rgba(230, 40, 40, 0.55)";
+
+function setupPainting() {
+  $("picture").addEventListener("change", () => {
+    const file = $("picture").files[0];
+    if (file) loadPicture(file);
+  });
+  const mask = $("mask-canvas");
+  let drawing = false, last = null;
+  const at = (event) => {
+    const box = mask.getBoundingClientRect();
+    return [(event.clientX - box.left) * mask.width / box.width, (event.clientY - box.top) * mask.height / box.height];
+  };
+  const stroke = (from, to) => {
+    const context = mask.getContext("2d");
+    context.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+    context.strokeStyle = $("eraser").checked ? "#000" : PAINT;   // the eraser removes paint wholly
+    context.lineWidth = Number($("brush-size").value);
+    context.lineCap = context.lineJoin = "round";
+    // one path per stroke segment at full strength: overlapping segments must not add up their alpha
+    context.globalAlpha = 1;
+    context.beginPath();
+    context.moveTo(...from);
+    context.lineTo(...to);
+    context.stroke();
+    solidify(context);
+  };
+  mask.addEventListener("pointerdown", (event) => {
+    drawing = true;
+    last = at(event);
+    mask.setPointerCapture(event.pointerId);
+    stroke(last, last);
+  });
+  mask.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    const point = at(event);
+    stroke(last, point);
+    last = point;
+  });
+  for (const end of ["pointerup", "pointercancel"]) mask.addEventListener(end, () => { drawing = false; });
+  $("clear-mask").addEventListener("click", () => mask.getContext("2d").clearRect(0, 0, mask.width, mask.height));
+  $("invert-mask").addEventListener("click", () => {
+    const context = mask.getContext("2d");
+    const image = context.getImageData(0, 0, mask.width, mask.height);
+    for (let i = 0; i < image.data.length; i += 4) {
+      const painted = image.data[i + 3] > 0;
+      image.data.set(painted ? [0, 0, 0, 0] : [230, 40, 40, 140], i);
+    }
+    context.putImageData(image, 0, 0);
+  });
+  $("remove-picture").addEventListener("click", () => {
+    $("picture").value = "";
+    $("painting").hidden = true;
+  });
+}
+
+// Every painted pixel the same translucent red, so that the mask is what was painted, not how often.
+function solidify(context) {
+  const {width, height} = context.canvas;
+  const image = context.getImageData(0, 0, width, height);
+  for (let i = 3; i < image.data.length; i += 4) {
+    if (image.data[i] > 0) image.data.set([230, 40, 40, 140], i - 3);
+  }
+  context.putImageData(image, 0, 0);
+}
+
+function loadPicture(file) {
+  const img = new Image();
+  img.onload = () => {
+    for (const id of ["picture-canvas", "mask-canvas"]) {
+      $(id).width = img.naturalWidth;
+      $(id).height = img.naturalHeight;
+    }
+    $("picture-canvas").getContext("2d").drawImage(img, 0, 0);
+    $("mask-canvas").getContext("2d").clearRect(0, 0, img.naturalWidth, img.naturalHeight);
+    const m = config.size_multiple || 1;
+    $("width").value = img.naturalWidth - img.naturalWidth % m;
+    $("height").value = img.naturalHeight - img.naturalHeight % m;
+    $("painting").hidden = false;
+    URL.revokeObjectURL(img.src);
+  };
+  img.onerror = () => showError(`${file.name}: the browser cannot read this picture`, "no picture");
+  img.src = URL.createObjectURL(file);
+}
+
+// The painted mask as a PNG data URL (white: repaint), or null when nothing is painted.
+function maskPng() {
+  const mask = $("mask-canvas");
+  const painted = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height).data;
+  const out = document.createElement("canvas");
+  out.width = mask.width;
+  out.height = mask.height;
+  const context = out.getContext("2d");
+  const image = context.createImageData(mask.width, mask.height);
+  let any = false;
+  for (let i = 0; i < painted.length; i += 4) {
+    const v = painted[i + 3] > 0 ? 255 : 0;
+    any ||= v > 0;
+    image.data.set([v, v, v, 255], i);
+  }
+  context.putImageData(image, 0, 0);
+  return any ? out.toDataURL("image/png") : null;
 }
 
 function headers(json) {
@@ -73,6 +180,15 @@ function request() {
   body.guidance = parseFloat($("guidance").value);
   if ($("seed").value !== "") body.seed = parseInt($("seed").value, 10);
   if ($("scheduler").value) body.scheduler = $("scheduler").value;
+  if (!$("painting").hidden) {   // a picture to change: img2img, or inpainting where a mask was painted
+    body.init_image = $("picture-canvas").toDataURL("image/png");
+    const mask = maskPng();
+    if (mask) {
+      body.mask = mask;
+      body.overlay = $("overlay").checked;
+    }
+    if ($("strength").value !== "") body.strength = parseFloat($("strength").value);
+  }
   return body;
 }
 
