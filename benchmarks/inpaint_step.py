@@ -51,7 +51,8 @@ def main() -> int:
     backend = get_backend("cpu")
     rng = np.random.default_rng(0)
     for kind in ("sd15", "sd15-inpaint"):
-        manifest = Manifest.load(prepare(kind, work))
+        engine = prepare(kind, work)   # the UNet alone: read its manifest as it is (Manifest.load wants them all)
+        manifest = Manifest(engine, json.loads((engine / "sdrt.json").read_text()))
         m = manifest.model
         sessions[kind] = backend.load(manifest, "unet")
         channels = m.unet_in_channels or m.latent_channels

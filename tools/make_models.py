@@ -296,6 +296,29 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out_dir
 
 
+def make_controlnet(model_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A ControlNetModel for the checkpoint at ``model_dir`` (``ControlNetModel.from_unet``: its encoder a copy of
+    the UNet's), every weight perturbed (the zero convolutions too, so that its residuals are not zero) and a
+    small conditioning embedding; written beside ``out_dir`` and renamed into place."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    net.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", choices=KINDS)

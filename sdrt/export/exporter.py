@@ -121,7 +121,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                  loras: Sequence = (), vae: str | os.PathLike | None = None, prediction_type: str | None = None,
                  config_dir: str | os.PathLike | None = None,
                  cache_branch: int | None = None, tiny_vae: str | os.PathLike | None = None,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 controlnets: Sequence[str] = (), log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
 
     ``model_dir`` is a diffusers folder or a single ``.safetensors`` file in the original layout
@@ -135,6 +135,9 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     ``cpu_variants``: also write the graphs ONNX Runtime's CPU provider runs faster (``model.ort.onnx`` beside
     ``model.onnx``, over the same weights file): the UNet with fused attention, the VAE with GroupNorm as
     LayerNormalization (opset 17 or newer).
+
+    ``controlnets``: ControlNetModel folders, each ``"DIR[:NAME]"``, written as ``controlnet_NAME`` beside the
+    UNet that takes their residuals (``unet_control``; sdrt.export.controlnet), each checked against PyTorch.
 
     ``cache_branch``: also write the UNet as the pair feature caching runs (``unet_deep``, ``unet_shallow``;
     sdrt.export.feature_cache), cut at that branch. ``tiny_vae``: an AutoencoderTiny folder (diffusers layout)
@@ -183,6 +186,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             raise UserError(f"--cache-branch {cache_branch}: this UNet has branches 0 to {count - 1}")
     if tiny_vae is not None:
         _check_tiny_vae(tiny_vae, ckpt.vae_config)
+    control_specs = _controlnet_specs(controlnets, ckpt.unet_config if single is None else None, comps)
 
     import torch
 
@@ -251,6 +255,10 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 _set_postfix(bar, "unet", f"feature-cache pair at branch {cache_branch}")
                 pair = _export_feature_cache(spec, loaded["unet"], cache_branch, trace_inputs, check_inputs, tmp,
                                              opset, cpu_variants, log)
+            if comp == "unet" and control_specs:
+                _set_postfix(bar, "unet", f"{len(control_specs)} ControlNet(s) and the UNet taking their residuals")
+                pair.update(_export_controlnets(spec, loaded["unet"], control_specs, trace_inputs, check_inputs,
+                                                numbers, tmp, opset, allow_pickle, log))
             del module, trace_inputs
             if source not in (SOURCES[c] for c in comps[i + 1:]):
                 # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
@@ -282,6 +290,11 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW
 
             manifest["feature_cache"] = {"branch": cache_branch, "deep": DEEP, "shallow": SHALLOW, "feature": FEATURE}
+        if control_specs:
+            from sdrt.export.controlnet import PREFIX, UNET_CONTROL
+
+            manifest["controlnets"] = {"unet": UNET_CONTROL,
+                                       "models": {name: PREFIX + name for _, name, _ in control_specs}}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _replace_dir(tmp, engine_dir)
     except BaseException:
@@ -360,6 +373,89 @@ def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inpu
             parity = compare(comp, graph, expected, check, names)
             variants = _checked_variants(comp, variants, data_file, expected, check, names)
             entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log, branch=branch)
+    return entries
+
+
+def _controlnet_specs(controlnets: Sequence[str], unet_config: dict | None, comps) -> list[tuple[Path, str, dict]]:
+    """(folder, name, config) of each ``--controlnet DIR[:NAME]``, checked against the UNet it will steer."""
+    if not controlnets:
+        return []
+    from sdrt.export.checkpoint import check_weights
+    from sdrt.export.controlnet import check_fits, parse_spec
+
+    if "unet" not in comps:
+        raise UserError("--controlnet: export the UNet too (the ControlNets' residuals go into it)")
+    if unet_config is None:
+        raise UserError("--controlnet: export the model's diffusers folder (single files take no ControlNets yet)")
+    out, names = [], set()
+    for text in controlnets:
+        folder, name = parse_spec(text)
+        if name in names:
+            raise UserError(f"--controlnet {text!r}: the name {name!r} is given twice; name them DIR:NAME")
+        names.add(name)
+        config = json.loads((folder / "config.json").read_text())
+        check_fits(name, config, unet_config)
+        check_weights(folder, allow_pickle=False)
+        out.append((folder, name, config))
+    return out
+
+
+def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inputs, numbers: dict, out: Path,
+                        opset: int, allow_pickle: bool, log: Callable[[str], None]) -> dict:
+    """``controlnet_NAME`` for each ControlNet and ``unet_control``, each checked against PyTorch on the UNet's
+    check inputs and a control image of their size."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from sdrt.export.controlnet import PREFIX, UNET_CONTROL, ControlledUNetGraph, ControlNetGraph, residual_specs
+    from sdrt.export.graphs import GraphSpec, export_graph
+    from sdrt.export.parity import compare, torch_outputs
+
+    f = numbers["vae_scale_factor"]
+
+    def with_image(inputs: dict, seed: int) -> dict:
+        sample = inputs["sample"]
+        g = torch.Generator().manual_seed(seed)
+        image = torch.rand((sample.shape[0], numbers["image_channels"], sample.shape[2] * f, sample.shape[3] * f),
+                           generator=g)
+        return {"sample": sample, "timestep": inputs["timestep"],
+                "encoder_hidden_states": inputs["encoder_hidden_states"], "controlnet_cond": image}
+
+    base_inputs = unet_spec.inputs[:3]
+    image_input = ("controlnet_cond", "float32", ("batch", numbers["image_channels"], "height", "width"))
+    entries, residuals = {}, None
+    for folder, name, _ in control_specs:
+        t0 = time.perf_counter()
+        model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        graph_module = ControlNetGraph(model).eval()
+        trace, check = with_image(trace_inputs, 0), with_image(check_inputs, 1)
+        outputs = residual_specs(graph_module, tuple(trace.values()))
+        if residuals is not None and [o[2][1] for o in outputs] != [r[2][1] for r in residuals]:
+            raise UserError(f"controlnet {name!r}: its residuals' channels differ from the other ControlNets'")
+        residuals = residuals or outputs
+        comp = PREFIX + name
+        spec = GraphSpec(comp, lambda m: graph_module, base_inputs + (image_input,), tuple(outputs))
+        expected = torch_outputs(graph_module, check)
+        graph, data_file = export_graph(spec, graph_module, trace, out / comp, opset)
+        parity = compare(comp, graph, expected, check, [o[0] for o in outputs])
+        entries[comp] = _entry(comp, spec, graph, data_file, parity, {}, t0, log,
+                               controlnet={"name": name, "source": str(folder.resolve()),
+                                           "config_sha256": sha256_files([folder / "config.json"])[0]})
+        with torch.no_grad():
+            trace_res = graph_module(*trace.values())
+            check_res = graph_module(*check.values())
+        del model, graph_module
+    t0 = time.perf_counter()
+    extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
+    module = ControlledUNetGraph(unet, extra, len(residuals) - 1).eval()
+    spec = GraphSpec(UNET_CONTROL, lambda m: module, unet_spec.inputs + tuple(residuals), unet_spec.outputs)
+    names = [r[0] for r in residuals]
+    trace = {**trace_inputs, **dict(zip(names, trace_res))}
+    check = {**check_inputs, **dict(zip(names, check_res))}
+    expected = torch_outputs(module, check)
+    graph, data_file = export_graph(spec, module, trace, out / UNET_CONTROL, opset, external=True)
+    parity = compare(UNET_CONTROL, graph, expected, check, [n for n, _, _ in unet_spec.outputs])
+    entries[UNET_CONTROL] = _entry(UNET_CONTROL, spec, graph, data_file, parity, {}, t0, log)
     return entries
 
 

@@ -50,16 +50,42 @@ class Inpainting:
         return self.image_latents is not None
 
 
+@dataclass
+class Control:
+    """One ControlNet on a request, as diffusers' ControlNet pipelines apply it: ``image`` its conditioning picture
+    [n, 3, H, W] in [0, 1] (the request's batch; doubled for guidance unless in guess mode), its residuals scaled
+    by ``scale`` while the step is within [``start``, ``end``] of the schedule (diffusers' ``controlnet_keep``)."""
+
+    component: str
+    image: np.ndarray
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def scale_at(self, i: int, total: int) -> float:
+        """The conditioning scale at step ``i`` of ``total`` (0 outside the window)."""
+        keep = 1.0 - float(i / total < self.start or (i + 1) / total > self.end)
+        return self.scale * keep
+
+
+def guess_mode_scales(n: int, scale: float) -> np.ndarray:
+    """Guess mode's per-residual scales, 0.1 to 1.0 over the n down residuals and the mid one, times ``scale``
+    (diffusers: ``torch.logspace(-1, 0, n)`` in float32)."""
+    return (np.logspace(-1, 0, n).astype(np.float32) * np.float32(scale)).astype(np.float32)
+
+
 class Denoising:
     """One request's denoising loop, a step at a time: ``unet_inputs()``, run the UNet, ``advance(out)``."""
 
     def __init__(self, req, sched: "Scheduler", state, rng: "TorchCPUGenerator", latents: np.ndarray,
                  context: np.ndarray, begin: int, conditioning: dict[str, np.ndarray] | None = None,
-                 end: int | None = None, inpaint: Inpainting | None = None):
+                 end: int | None = None, inpaint: Inpainting | None = None, controls: Sequence[Control] = (),
+                 guess_mode: bool = False):
         """``conditioning``: the UNet's other inputs (SDXL's text_embeds and time_ids, an LCM UNet's
         timestep_cond), each with ``unet_batch`` rows, already guidance-doubled like ``context``. The loop runs
         the scheduler's step indices ``begin`` to ``end`` (default: its last). ``inpaint``: an inpainting
-        request's mask and latents (:class:`Inpainting`)."""
+        request's mask and latents (:class:`Inpainting`). ``controls``: its ControlNets (:class:`Control`);
+        ``guess_mode``: they see only the conditional half, their residuals scaled 0.1 to 1.0 by depth."""
         self.req = req
         self.sched = sched
         self.state = state
@@ -72,6 +98,8 @@ class Denoising:
         self.index = begin  # the next index into sched.timesteps
         self.feature: np.ndarray | None = None  # feature caching: the deep feature of the last full evaluation
         self.inpaint = inpaint
+        self.controls = list(controls)
+        self.guess_mode = guess_mode
         self._unet_channels = None   # a 9-channel UNet's mask and masked-image latents, guidance-doubled
         if inpaint is not None and inpaint.masked_latents is not None:
             extra = np.concatenate([inpaint.mask, inpaint.masked_latents], axis=1).astype(np.float32)
@@ -123,15 +151,65 @@ class Denoising:
         return Step(k, self.total, float(self.sched.timesteps[i]), self.latents)
 
 
+def control_residuals(sessions: dict, loops: Sequence[Denoising], feeds: list[dict], limit: int | None
+                      ) -> list[list[np.ndarray] | None]:
+    """Each loop's summed ControlNet residuals for this step (None: no ControlNet acts on it now), each
+    ControlNet run once over every loop that uses it. ``feeds``: the loops' UNet inputs."""
+    calls: dict[str, list] = {}   # component -> [(loop index, control)]
+    for k, loop in enumerate(loops):
+        for control in loop.controls:
+            if control.scale_at(loop.completed, loop.total) != 0:   # a zero scale adds exact zeros: skipped
+                calls.setdefault(control.component, []).append((k, control))
+    sums: list[list[np.ndarray] | None] = [None] * len(loops)
+    for component, uses in calls.items():
+        inputs = []
+        channels = sessions[component].inputs[0].shape[1]   # the latents' (an inpainting UNet's sample has more)
+        for k, control in uses:
+            loop, feed = loops[k], feeds[k]
+            half = loop.guess_mode and loop.req.guided   # guess mode: the conditional half only
+            rows = slice(len(feed["sample"]) // 2, None) if half else slice(None)
+            inputs.append({"sample": feed["sample"][rows, :channels], "timestep": feed["timestep"][rows],
+                           "encoder_hidden_states": feed["encoder_hidden_states"][rows],
+                           "controlnet_cond": control.image})
+        out = _run_batched(sessions[component], inputs, limit)
+        offsets = np.cumsum([f["sample"].shape[0] for f in inputs])[:-1]
+        names = list(out)   # down_residual_0 .. n-1, mid_residual, in order
+        parts = [np.split(out[name], offsets) for name in names]
+        for j, (k, control) in enumerate(uses):
+            loop = loops[k]
+            scale = control.scale_at(loop.completed, loop.total)
+            scales = guess_mode_scales(len(names), scale) if loop.guess_mode else [np.float32(scale)] * len(names)
+            residuals = [(p[j] * s).astype(np.float32, copy=False) for p, s in zip(parts, scales)]
+            if loop.guess_mode and loop.req.guided:   # the unconditional half gets nothing added
+                residuals = [np.concatenate([np.zeros_like(r), r]) for r in residuals]
+            sums[k] = residuals if sums[k] is None else [a + b for a, b in zip(sums[k], residuals)]
+    return sums
+
+
 def evaluate_unet(sessions: dict, loops: Sequence[Denoising], feature_cache: dict | None = None,
-                  cache_interval: int | None = None, limit: int | None = None) -> list[np.ndarray]:
+                  cache_interval: int | None = None, limit: int | None = None,
+                  control_unet: str | None = None) -> list[np.ndarray]:
     """One UNet evaluation of each of ``loops``, batched; each loop's ``out_sample`` in order.
 
     Without feature caching, one call of ``sessions["unet"]`` over all loops. With it, the loops whose
     evaluation count is a multiple of ``cache_interval`` go through the deep UNet (each keeping its deep
     feature) and the others through the shallow UNet on their own cached feature: at most two calls.
     ``limit``: the most samples one call may take (a TensorRT plan's profile); larger batches are split.
+    ``control_unet``: the UNet taking ControlNet residuals: when a ControlNet acts on any loop this step, every
+    loop goes through it in one call, those without residuals adding zeros.
     """
+    if control_unet is not None and any(loop.controls for loop in loops):
+        feeds = [loop.unet_inputs() for loop in loops]
+        residuals = control_residuals(sessions, loops, feeds, limit)
+        if any(r is not None for r in residuals):
+            shapes = next(r for r in residuals if r is not None)
+            for feed, r, loop in zip(feeds, residuals, loops):
+                rows = len(feed["sample"])
+                r = r if r is not None else [np.zeros((rows, *a.shape[1:]), np.float32) for a in shapes]
+                names = [i.name for i in sessions[control_unet].inputs][-len(r):]
+                feed.update(zip(names, r))
+            out = _run_batched(sessions[control_unet], feeds, limit)["out_sample"]
+            return np.split(out, np.cumsum([f["sample"].shape[0] for f in feeds])[:-1])
     if feature_cache is None:
         groups = [("unet", list(loops), False)]
     else:

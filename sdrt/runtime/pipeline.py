@@ -23,7 +23,7 @@ import numpy as np
 
 from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.backends import Backend, get_backend
-from sdrt.runtime.denoising import Denoising, Inpainting, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
+from sdrt.runtime.denoising import Control, Denoising, Inpainting, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
 from sdrt.runtime.families import PromptEmbeddings, check_finite, family_of, text_inputs  # noqa: F401
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
 from sdrt.runtime.manifest import TINY_VAE, Manifest
@@ -114,6 +114,11 @@ class Pipeline:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
         self._encoder_lock = threading.Lock()
+        # ControlNets (`sdrt export --controlnet`): name -> component, and the UNet taking their residuals;
+        # loaded on the first request that uses them
+        controlnets = self.manifest.data.get("controlnets") or {}
+        self.controlnet_components: dict[str, str] = dict(controlnets.get("models", {}))
+        self.control_unet: str | None = controlnets.get("unet")
         self.loras = load_loras(loras)
         check_components(self.loras, [c for c in LORA_COMPONENTS if self.manifest.has(c)], str(self.engine_dir))
         if self.loras and self.feature_cache and any("unet" in lora.components for lora, _ in self.loras):
@@ -180,7 +185,7 @@ class Pipeline:
                 mask: str | os.PathLike | np.ndarray | Image.Image | None = None, mask_blur: int = 0,
                 mask_invert: bool = False, masked_content: str = "original", inpaint_area: str = "whole",
                 inpaint_padding: int = 32, overlay: bool = False, outpaint: str | Sequence[int] | None = None,
-                noise_multiplier: float = 1.0) -> Request:
+                noise_multiplier: float = 1.0, controls: Sequence | None = None, guess_mode: bool = False) -> Request:
         """Check every setting against the model; defaults as in diffusers. A bad one is a UserError naming it.
 
         ``init_image`` (img2img): a path or a PIL image, prepared as ``sdrt.runtime.images.load_init_image``
@@ -220,6 +225,11 @@ class Pipeline:
         ``"LEFT,RIGHT,TOP,BOTTOM"`` extends the canvas by that many pixels and paints the new border.
         ``mask_blur`` may be an (x, y) pair. ``noise_multiplier`` (img2img, inpainting): AUTOMATIC1111's initial
         noise multiplier, the noise added to the init latents scaled by it (1: as diffusers).
+
+        ControlNets (sdrt.runtime.control), as diffusers' StableDiffusionControlNetPipeline with a
+        MultiControlNetModel: ``controls``, each ``"NAME:IMAGE[:SCALE[:START:END]]"``, a dict with those keys or a
+        tuple; their residuals scaled, kept to their window of the schedule and summed. ``guess_mode``: they see
+        only the conditional half, residuals scaled 0.1 to 1.0 by depth.
         """
         return make_request(self, prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed,
                             scheduler=scheduler, height=height, width=width, num_images=num_images,
@@ -230,7 +240,8 @@ class Pipeline:
                             denoising_end=denoising_end, denoising_start=denoising_start, init_latents=init_latents,
                             mask=mask, mask_blur=mask_blur, mask_invert=mask_invert, masked_content=masked_content,
                             inpaint_area=inpaint_area, inpaint_padding=inpaint_padding, overlay=overlay,
-                            outpaint=outpaint, noise_multiplier=noise_multiplier)
+                            outpaint=outpaint, noise_multiplier=noise_multiplier, controls=controls,
+                            guess_mode=guess_mode)
 
     def _size(self, what: str, value) -> int:
         return check_size(what, value, self.model.size_multiple)
@@ -250,7 +261,8 @@ class Pipeline:
         """One UNet evaluation of each of ``loops`` (requests that share a latent and context shape), batched
         within the backend's limit; each loop's ``out_sample``, for its ``advance``. With feature caching, each
         loop gets the deep UNet every ``cache_interval`` of its own evaluations and the shallow one between."""
-        return evaluate_unet(self.sessions, loops, self.feature_cache, self.cache_interval, self.unet_batch_limit)
+        return evaluate_unet(self.sessions, loops, self.feature_cache, self.cache_interval, self.unet_batch_limit,
+                             self.control_unet if any(loop.controls for loop in loops) else None)
 
     def decode_batch(self, latents: Sequence[np.ndarray], component: str | None = None) -> list[np.ndarray]:
         """Several requests' scaled latents through one VAE decode: each one's float output [n, C, H, W],
@@ -301,14 +313,10 @@ class Pipeline:
         return PromptEmbeddings(np.concatenate(hidden, axis=-1), pooled)
 
     def _vae_encoder(self):
-        if "vae_encoder" not in self.sessions:
-            if not self.manifest.has("vae_encoder"):
-                raise UserError(f"{self.engine_dir} has no vae_encoder; img2img needs it (re-export with it)")
-            with self._encoder_lock:
-                if "vae_encoder" not in self.sessions:
-                    self.sessions["vae_encoder"] = self._load("vae_encoder")
+        if not self.manifest.has("vae_encoder"):
+            raise UserError(f"{self.engine_dir} has no vae_encoder; img2img needs it (re-export with it)")
+        self._load_lazily(["vae_encoder"])
         return self.sessions["vae_encoder"]
-
 
     def encode_image(self, image: np.ndarray, rng: TorchCPUGenerator) -> np.ndarray:
         """Image [1,3,H,W] in [-1,1] -> scaled latents, sampling the VAE posterior as diffusers does."""
@@ -406,8 +414,28 @@ class Pipeline:
                 latents = sched.add_noise(init, noise, begin).astype(np.float32)
             else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
                 latents = init.astype(np.float32)
+        controls = [Control(c.component, self._control_image(c.image, req), c.scale, c.start, c.end)
+                    for c in req.controls]
+        if controls:
+            self._load_lazily([self.control_unet, *(c.component for c in controls)])
         return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end,
-                         inpaint)
+                         inpaint, controls, req.guess_mode)
+
+    @staticmethod
+    def _control_image(image: np.ndarray, req: Request) -> np.ndarray:
+        """A control picture as diffusers feeds it: one per image of the batch, doubled for guidance unless in
+        guess mode (where the ControlNet sees only the conditional half)."""
+        image = np.repeat(image, req.batch, axis=0)
+        return np.concatenate([image, image]) if req.guided and not req.guess_mode else image
+
+    def _load_lazily(self, components) -> None:
+        """Load sessions only some requests need (the VAE encoder, ControlNets) on first use, once."""
+        if all(comp in self.sessions for comp in components):
+            return
+        with self._encoder_lock:
+            for comp in components:
+                if comp not in self.sessions:
+                    self.sessions[comp] = self._load(comp)
 
     def _start_inpainting(self, req: Request, sched: Scheduler, begin: int, rng: TorchCPUGenerator, shape: tuple,
                           timings: dict) -> tuple[np.ndarray, Inpainting]:

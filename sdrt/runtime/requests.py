@@ -62,6 +62,9 @@ class Request:
     mask: np.ndarray | None = field(default=None, repr=False)
     masked_content: str = "original"
     noise_multiplier: float = 1.0     # AUTOMATIC1111's initial noise multiplier (img2img and inpainting)
+    # ControlNets (sdrt.runtime.control.ControlAsk: component, picture, scale, window) and diffusers' guess mode
+    controls: list = field(default_factory=list, repr=False)
+    guess_mode: bool = False
     finish: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -236,6 +239,17 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
                 f"init image is {img_w}x{img_h} but {width or img_w}x{height or img_h} was asked; resize it when "
                 "loading (give init_image as a path or PIL image and height/width resize it)")
         height, width = img_h, img_w
+    controls = []
+    if asked["controls"]:
+        from sdrt.runtime.control import check_controls
+
+        if pipe.cache_interval is not None:
+            raise UserError("controls with cache_interval: feature caching has no ControlNet pair yet; load the "
+                            "pipeline without cache_interval")
+        controls = check_controls(asked["controls"], pipe.controlnet_components, height, width)
+    guess_mode = SETTING["guess_mode"].value(asked["guess_mode"])
+    if guess_mode and not controls:
+        raise UserError("guess_mode: only ControlNets use it; give controls too, or leave it out")
     # validates the name (or the config's own class) and the step count
     sched = make_scheduler(scheduler, pipe.scheduler_config, steps)
     # each refuses a setting that leaves no step to run
@@ -267,7 +281,7 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
                   denoising_start=denoising.get("denoising_start"), denoising_end=denoising.get("denoising_end"),
                   init_latents=init_latents, mask=mask, noise_multiplier=noise_multiplier,
                   masked_content=inpaint.masked_content if inpaint else "original",
-                  finish=inpaint.finish if inpaint else None)
+                  finish=inpaint.finish if inpaint else None, controls=controls, guess_mode=guess_mode)
     if pipe.prompt_reader is not None:
         req.prompt_tokens = pipe.prepare_prompts(req)  # refuses a prompt longer than the engine takes
     return req

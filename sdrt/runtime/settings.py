@@ -208,6 +208,15 @@ TABLE: tuple[Setting, ...] = (
             "AUTOMATIC1111's initial noise multiplier (default 1)", "a number in (0, 2]", lambda v: 0 < v <= 2,
             modes=IMG2IMG, native="noise_multiplier", flag="--noise-multiplier", metavar="F",
             a1111="initial_noise_multiplier", label="Noise multiplier", bad=(0.0, 3.0)),
+    # ControlNets (sdrt.runtime.control): diffusers' StableDiffusionControlNetPipeline, MultiControlNetModel
+    Setting("controls", list, None, "a ControlNet of the engine (`sdrt export --controlnet`), NAME:IMAGE[:SCALE[:START:"
+            "END]]: its conditioning picture, scale (default 1, up to 2) and the fraction of the schedule it acts "
+            "in (default 0:1); repeatable (their residuals add up)", native="controls",
+            json=list[dict[str, Any]] | None, api_help="ControlNets: [{name, image (base64), scale, start, end}]",
+            flag="--control", metavar="NAME:IMAGE[:SCALE[:START:END]]", bad=("nothing:x.png",)),
+    Setting("guess_mode", bool, False, "ControlNets see only the conditional half, their residuals scaled 0.1 to 1 "
+            "by depth (diffusers' guess_mode)", "True or False", native="guess_mode", flag="--guess-mode",
+            label="Guess mode", bad=("yes",)),
     Setting("timeout", float, None, "", native="timeout", json=float | None,
             api_help="seconds; at most the service's --timeout", pipeline=False, bad=(1e9,)),
     Setting("preview_every", int, 0, "", native="preview_every",
@@ -275,6 +284,8 @@ def add_options(parser, names: Iterable[str], defaults: dict | None = None,
         if s.type is bool:
             parser.add_argument(s.flag, dest=s.name, action="store_false" if s.default else "store_true",
                                 default=s.default, help=text)
+        elif s.type is list:   # repeatable
+            parser.add_argument(s.flag, dest=s.name, action="append", default=s.default, metavar=s.metavar, help=text)
         else:
             parser.add_argument(s.flag, dest=s.name, type=s.type, default=default, metavar=s.metavar, help=text)
 
