@@ -50,6 +50,10 @@ def native_settings(body: ImageRequest, pipeline) -> dict:
     settings = {name: getattr(body, field) for field, name in NATIVE_SETTINGS.items() if name != "init_image"}
     if settings.get("mask") is not None:
         settings["mask"] = decode_base64_image(settings["mask"], "mask")
+    if settings.get("controls"):   # each control's picture arrives in base64
+        settings["controls"] = [dict(c, image=decode_base64_image(c["image"], f"controls[{i}].image"))
+                                if isinstance(c, dict) and isinstance(c.get("image"), str) else c
+                                for i, c in enumerate(settings["controls"])]
     if body.init_image is None:
         return settings   # Pipeline.request refuses a strength (or a mask) without an init image
     image = decode_base64_image(body.init_image, "init_image")

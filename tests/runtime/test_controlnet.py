@@ -1,0 +1,169 @@
+"""ControlNets: exported as their own graphs beside the UNet that takes their residuals, and run by the torch-free
+runtime as diffusers' ControlNet pipelines run them (same seed, same picture), alone and batched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrt.errors import UserError
+from sdrt.runtime.images import images_psnr
+from tests.conftest import assert_one_line_error, run_cli
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from sdrt.bench.reference import diffusers_scheduler  # noqa: E402
+
+H, W = 24, 40
+PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
+
+
+@pytest.fixture(scope="module")
+def controlled(model_dirs, tmp_path_factory):
+    """The tiny SD1 model exported with two ControlNets (edges, depth), and their folders and pictures."""
+    from sdrt.export import export_model
+    from tools.make_models import make_controlnet
+
+    base = tmp_path_factory.mktemp("controlnet")
+    model = model_dirs["sd1-tiny"]
+    nets = {name: make_controlnet(model, base / name, seed=seed) for name, seed in (("edges", 1), ("depth", 2))}
+    engine = base / "engine"
+    export_model(model, engine, progress=False, log=lambda m: None,
+                 controlnets=[f"{nets['edges']}:edges", f"{nets['depth']}:depth"])
+    rng = np.random.default_rng(1)
+    pictures = []
+    for i in range(2):
+        path = base / f"cond{i}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(path)
+        pictures.append(path)
+    return {"model": model, "engine": engine, "nets": nets, "pictures": pictures, "base": base}
+
+
+def _reference(controlled, names, **kw):
+    nets = [diffusers.ControlNetModel.from_pretrained(controlled["nets"][n]) for n in names]
+    pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        controlled["model"], controlnet=nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets),
+        safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_manifest_records_each_controlnet_and_the_residual_unet(controlled):
+    import json
+
+    m = json.loads((controlled["engine"] / "sdrt.json").read_text())
+    assert m["controlnets"] == {"unet": "unet_control", "models": {"edges": "controlnet_edges",
+                                                                   "depth": "controlnet_depth"}}
+    for comp in ("controlnet_edges", "controlnet_depth", "unet_control"):
+        assert m["components"][comp]["parity"]["rel_l2"] <= 1e-4, comp
+    outs = [o["name"] for o in m["components"]["controlnet_edges"]["outputs"]]
+    ins = [i["name"] for i in m["components"]["unet_control"]["inputs"]]
+    assert outs[-1] == "mid_residual" and ins[3:] == outs
+    assert m["components"]["controlnet_edges"]["controlnet"]["name"] == "edges"
+
+
+@pytest.mark.parametrize("scheduler, guess", [("euler_a", False), ("dpmpp_2m", False), ("ddim", True)])
+def test_two_controlnets_with_scales_and_windows_equal_diffusers(controlled, scheduler, guess):
+    from sdrt.runtime import Pipeline
+
+    ours = Pipeline(controlled["engine"]).generate(
+        PROMPT, negative_prompt=NEGATIVE, steps=6, guidance=7.5, seed=3, scheduler=scheduler, height=H, width=W,
+        controls=[("edges", controlled["pictures"][0], 0.8, 0.0, 0.7),
+                  {"name": "depth", "image": str(controlled["pictures"][1]), "scale": 1.3, "start": 0.2}],
+        guess_mode=guess).images[0]
+    ref = _reference(controlled, ["edges", "depth"])
+    ref.scheduler = diffusers_scheduler(scheduler, dict(ref.scheduler.config))
+    want = ref(PROMPT, negative_prompt=NEGATIVE, image=[Image.open(p) for p in controlled["pictures"]],
+               num_inference_steps=6, guidance_scale=7.5, height=H, width=W,
+               generator=torch.Generator("cpu").manual_seed(3), controlnet_conditioning_scale=[0.8, 1.3],
+               control_guidance_start=[0.0, 0.2], control_guidance_end=[0.7, 1.0], guess_mode=guess).images[0]
+    assert images_psnr(ours, np.asarray(want)) >= 40
+
+
+def test_one_controlnet_equals_diffusers_and_the_plain_path_is_unchanged(controlled, sd1_engine):
+    from sdrt.runtime import Pipeline
+
+    pipe = Pipeline(controlled["engine"])
+    ours = pipe.generate(PROMPT, steps=5, seed=4, height=H, width=W,
+                         controls=[f"edges:{controlled['pictures'][0]}:0.6"]).images[0]
+    ref = _reference(controlled, ["edges"])
+    want = ref(PROMPT, image=Image.open(controlled["pictures"][0]), num_inference_steps=5, height=H, width=W,
+               generator=torch.Generator("cpu").manual_seed(4), controlnet_conditioning_scale=0.6).images[0]
+    assert images_psnr(ours, np.asarray(want)) >= 40
+    plain = pipe.generate(PROMPT, steps=5, seed=4, height=H, width=W).images[0]
+    assert images_psnr(plain, np.asarray(want)) < 40                     # the ControlNet changed the picture
+    np.testing.assert_array_equal(plain, Pipeline(sd1_engine).generate(PROMPT, steps=5, seed=4, height=H,
+                                                                       width=W).images[0])
+    assert "unet_control" in pipe.sessions and "unet_control" not in Pipeline(controlled["engine"]).sessions
+
+
+def test_requests_with_and_without_controlnets_share_unet_calls(controlled):
+    from sdrt.runtime import Pipeline
+    from sdrt.serve import Engine
+
+    asks = [dict(prompt=PROMPT, steps=5, seed=1, height=H, width=W,
+                 controls=[("edges", str(controlled["pictures"][0]), 0.9)]),
+            dict(prompt="a cat", steps=5, seed=2, height=H, width=W),
+            dict(prompt="a dog", steps=5, seed=3, height=H, width=W,
+                 controls=[("depth", str(controlled["pictures"][1]), 1.1, 0.0, 0.6)])]
+    alone = [Pipeline(controlled["engine"]).generate(**a).images[0] for a in asks]
+    pipe = Pipeline(controlled["engine"])
+    pipe.generate(**asks[0])   # loads the ControlNet sessions, so the engine's calls can be counted
+    calls = []
+    for comp in ("unet", "unet_control"):
+        run = pipe.sessions[comp].run
+        pipe.sessions[comp].run = lambda feeds, comp=comp, run=run: (calls.append((comp, len(feeds["sample"]))),
+                                                                     run(feeds))[1]
+    engine = Engine(pipe, max_batch=8).start(warmup=False)
+    try:
+        jobs = [engine.submit(**a) for a in asks]
+        served = [j.wait(120).images[0] for j in jobs]
+    finally:
+        engine.close()
+    for a, b in zip(served, alone):
+        assert images_psnr(a, b) >= 60
+    assert ("unet_control", 6) in calls   # three guided requests, with and without residuals, in one call
+
+
+def test_bad_controls_are_one_line(controlled, model_dirs, sd1_engine, tmp_path):
+    from sdrt.runtime import Pipeline
+    from tools.make_models import make_controlnet
+
+    pipe = Pipeline(controlled["engine"])
+    picture = controlled["pictures"][0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no picture")
+    cases = [
+        (dict(controls=[("lines", picture)]), "no such ControlNet; it has edges, depth"),
+        (dict(controls=[("edges", broken)]), "cannot be read"),
+        (dict(controls=[("edges", picture, 2.5)]), "scale 2.5: must be a number in [0, 2]"),
+        (dict(controls=[("edges", picture, 1.0, 0.8, 0.3)]), "start 0.8 must be below end 0.3"),
+        (dict(guess_mode=True), "guess_mode: only ControlNets use it"),
+        (dict(controls=["edges"]), "NAME:IMAGE"),
+    ]
+    for kw, needle in cases:
+        with pytest.raises(UserError) as e:
+            pipe.request(PROMPT, **kw)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(UserError, match="it has none"):
+        Pipeline(sd1_engine).request(PROMPT, controls=[("edges", picture)])
+    other = make_controlnet(model_dirs["sd2-tiny"], tmp_path / "sd2-net")
+    assert_one_line_error(run_cli("export", controlled["model"], tmp_path / "e", "--controlnet", f"{other}:x"),
+                          "controlnet 'x' was made for another model", "cross_attention_dim")
+
+
+def test_generate_cli_takes_controls(controlled, tmp_path):
+    out = tmp_path / "o.png"
+    r = run_cli("generate", controlled["engine"], PROMPT, "-o", out, "-q", "--steps", "3", "--seed", "2",
+                "--height", str(H), "--width", str(W), "--control", f"edges:{controlled['pictures'][0]}:0.7:0:0.5",
+                "--control", f"depth:{controlled['pictures'][1]}")
+    assert r.returncode == 0, r.stderr
+    from sdrt.runtime import Pipeline
+
+    want = Pipeline(controlled["engine"]).generate(
+        PROMPT, steps=3, seed=2, height=H, width=W,
+        controls=[("edges", controlled["pictures"][0], 0.7, 0, 0.5), ("depth", controlled["pictures"][1])]).images[0]
+    assert images_psnr(np.asarray(Image.open(out).convert("RGB")), want) >= 60
+    assert_one_line_error(run_cli("generate", controlled["engine"], PROMPT, "--control", "lines:x.png"),
+                          "control 'lines'", "edges, depth")
