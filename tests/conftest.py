@@ -156,3 +156,28 @@ def lora_files(model_dirs, tmp_path_factory) -> dict[tuple[str, str], list[Path]
                                         conv=True),
                               make_lora(model, base / f"{kind}-{fmt}-b.safetensors", fmt, rank=2, seed=5)]
     return out
+
+
+@pytest.fixture(scope="session")
+def controlled(model_dirs, tmp_path_factory):
+    """The tiny SD1 model exported with two ControlNets (edges, depth), and their folders and pictures."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from PIL import Image
+
+    from sdrt.export import export_model
+    from tools.make_models import make_controlnet
+
+    base = tmp_path_factory.mktemp("controlnet")
+    model = model_dirs["sd1-tiny"]
+    nets = {name: make_controlnet(model, base / name, seed=seed) for name, seed in (("edges", 1), ("depth", 2))}
+    engine = base / "engine"
+    export_model(model, engine, progress=False, log=lambda m: None,
+                 controlnets=[f"{nets['edges']}:edges", f"{nets['depth']}:depth"])
+    rng = np.random.default_rng(1)
+    pictures = []
+    for i in range(2):
+        path = base / f"cond{i}.png"
+        Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(path)
+        pictures.append(path)
+    return {"model": model, "engine": engine, "nets": nets, "pictures": pictures, "base": base}

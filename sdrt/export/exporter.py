@@ -434,7 +434,7 @@ def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inpu
             raise UserError(f"controlnet {name!r}: its residuals' channels differ from the other ControlNets'")
         residuals = residuals or outputs
         comp = PREFIX + name
-        spec = GraphSpec(comp, lambda m: graph_module, base_inputs + (image_input,), tuple(outputs))
+        spec = GraphSpec(comp, lambda m, g=graph_module: g, base_inputs + (image_input,), tuple(outputs))
         expected = torch_outputs(graph_module, check)
         graph, data_file = export_graph(spec, graph_module, trace, out / comp, opset)
         parity = compare(comp, graph, expected, check, [o[0] for o in outputs])
@@ -448,7 +448,7 @@ def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inpu
     t0 = time.perf_counter()
     extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
     module = ControlledUNetGraph(unet, extra, len(residuals) - 1).eval()
-    spec = GraphSpec(UNET_CONTROL, lambda m: module, unet_spec.inputs + tuple(residuals), unet_spec.outputs)
+    spec = GraphSpec(UNET_CONTROL, lambda m, g=module: g, unet_spec.inputs + tuple(residuals), unet_spec.outputs)
     names = [r[0] for r in residuals]
     trace = {**trace_inputs, **dict(zip(names, trace_res))}
     check = {**check_inputs, **dict(zip(names, check_res))}

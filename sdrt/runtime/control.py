@@ -106,3 +106,60 @@ def control_image(source, height: int, width: int, name: str = "") -> np.ndarray
     image = open_image(source, f"control {name!r} image" if name else "control image", "RGB")
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
     return np.ascontiguousarray((np.asarray(image).astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
+
+
+# ---- preprocessors that need no model --------------------------------------------------------------------------
+PREPROCESSORS = ("none", "canny")
+
+
+def canny(image, low: float = 100, high: float = 200) -> np.ndarray:
+    """OpenCV's ``Canny(gray, low, high)`` with its defaults (3x3 Sobel, L1 gradient magnitude, no blur first), as
+    the ControlNet annotators call it: non-maximum suppression along the gradient's direction, then hysteresis
+    (pixels above ``high`` and those above ``low`` connected to them). [H, W, 3] uint8, white edges on black."""
+    from sdrt.runtime.masks import open_image
+
+    rgb = np.asarray(open_image(image, "control image", "RGB")).astype(np.float32)
+    gray = np.rint(rgb @ np.array([0.299, 0.587, 0.114], np.float32))
+    p = np.pad(gray, 1, mode="reflect")   # OpenCV's default border, reflect-101
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.abs(dx) + np.abs(dy)
+    m = np.pad(mag, 1)
+    # the direction, in four sectors: horizontal, vertical and the two diagonals (tan 22.5 = 0.4142)
+    ax, ay = np.abs(dx), np.abs(dy)
+    horizontal = ay <= ax * 0.41421356
+    vertical = ay > ax * 2.41421356
+    same_sign = (dx * dy) > 0
+    h, w = mag.shape
+    c = (slice(1, h + 1), slice(1, w + 1))
+
+    def shifted(oy, ox):
+        return m[1 + oy:h + 1 + oy, 1 + ox:w + 1 + ox]
+
+    n1 = np.where(horizontal, shifted(0, -1), np.where(vertical, shifted(-1, 0),
+                                                       np.where(same_sign, shifted(-1, -1), shifted(-1, 1))))
+    n2 = np.where(horizontal, shifted(0, 1), np.where(vertical, shifted(1, 0),
+                                                      np.where(same_sign, shifted(1, 1), shifted(1, -1))))
+    peak = (m[c] > n1) & (m[c] >= n2) & (mag > low)
+    strong = peak & (mag > high)
+    edges = strong.copy()
+    weak = peak & ~strong
+    while True:   # grow the strong edges through 8-connected weak pixels
+        e = np.pad(edges, 1)
+        near = np.zeros_like(edges)
+        for oy in (-1, 0, 1):
+            for ox in (-1, 0, 1):
+                near |= e[1 + oy:h + 1 + oy, 1 + ox:w + 1 + ox]
+        grown = edges | (weak & near)
+        if (grown == edges).all():
+            break
+        edges = grown
+    return np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def preprocess(image, module: str, low: float = 100, high: float = 200):
+    """A control picture through a preprocessor that needs no model: ``none`` (as given) or ``canny``."""
+    if module not in PREPROCESSORS:
+        raise UserError(f"module {module!r}: sdrt's preprocessors are {', '.join(PREPROCESSORS)} (depth, pose and "
+                        "others need a model: run them elsewhere and give the picture with module none)")
+    return image if module == "none" else canny(image, low, high)

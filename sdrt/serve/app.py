@@ -8,6 +8,7 @@ Endpoints (``pip install 'sdrt[serve]'``):
     GET    /v1/jobs/{id}/events       server-sent events: queued (position), started, step k/n, preview, done | error
     DELETE /v1/jobs/{id}              cancel at the next step boundary
     POST   /sdapi/v1/txt2img|img2img  AUTOMATIC1111's API;  GET /sdapi/v1/samplers, /sdapi/v1/sd-models
+    GET    /controlnet/model_list, /controlnet/module_list   the ControlNet extension's (alwayson_scripts)
     POST   /v1/images/generations     OpenAI's images API (b64_json)
     GET    /healthz  /readyz  /metrics
     GET    /                          the playground page (plain HTML/CSS/JS from the package; no API key needed)
@@ -261,6 +262,16 @@ def create_app(service: Service) -> FastAPI:
     async def a1111_models():
         return [{"title": service.model_name, "model_name": service.model_name, "hash": None, "sha256": None,
                  "filename": service.model_name, "config": None}]
+
+    @app.get("/controlnet/model_list", dependencies=api)
+    async def controlnet_models():
+        return {"model_list": list(service.require_engine().pipeline.controlnet_components)}
+
+    @app.get("/controlnet/module_list", dependencies=api)
+    async def controlnet_modules():
+        from sdrt.runtime.control import PREPROCESSORS
+
+        return {"module_list": list(PREPROCESSORS)}
 
     # -- OpenAI -------------------------------------------------------------------------------------------------
     @app.post("/v1/images/generations", dependencies=api)

@@ -162,7 +162,7 @@ def a1111_refusals(body: A1111Request, img2img: bool) -> None:
     if body.script_name:
         asked.append(f"script_name {body.script_name!r}")
     enabled = [name for name, spec in (body.alwayson_scripts or {}).items()
-               if not (isinstance(spec, dict) and spec.get("args") in ([], [False], None))]
+               if name.lower() != "controlnet" and not (isinstance(spec, dict) and spec.get("args") in ([], [False], None))]
     if enabled:
         asked.append(f"alwayson_scripts {', '.join(enabled)}")
     if asked:
@@ -214,8 +214,62 @@ def a1111_submissions(body: A1111Request, img2img: bool, pipeline) -> tuple[list
             settings["noise_multiplier"] = body.initial_noise_multiplier
     elif body.mask:
         raise UserError("mask: inpainting is /sdapi/v1/img2img with init_images")
+    controls, guess = a1111_controlnet(body, pipeline)
+    if controls:
+        settings.update(controls=controls, guess_mode=guess)
     seeds = [seed + i for i in range(count)]
     return [dict(settings, seed=s) for s in seeds], seeds
+
+
+# ---- the ControlNet extension's API (sd-webui-controlnet) ------------------------------------------------------
+A1111_RESIZE = ("just resize", "0")
+A1111_CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more important": True, "2": True}
+
+
+def a1111_controlnet_model(model: str | None, pipeline) -> str:
+    """The engine's ControlNet an A1111 ``model`` names: its name, or an A1111 title "name [hash]"."""
+    names = list(getattr(pipeline, "controlnet_components", {}))
+    wanted = (model or "").split(" [")[0].strip()
+    for name in names:
+        if wanted.lower() in (name, name.replace("-", "_")) or wanted.lower().replace("_", "-") == name:
+            return name
+    raise UserError(f"controlnet model {model!r}: this engine has "
+                    + (", ".join(names) if names else "no ControlNet (export with `sdrt export --controlnet`)"))
+
+
+def a1111_controlnet(body: A1111Request, pipeline) -> tuple[list[dict], bool]:
+    """The ControlNet units of ``alwayson_scripts.controlnet.args`` as sdrt controls, and whether guess mode
+    (A1111's control_mode "ControlNet is more important"). Only what sdrt does as A1111 does it is taken: Just
+    Resize, the preprocessors none and canny, the Balanced and ControlNet-is-more-important modes."""
+    from sdrt.runtime.control import preprocess
+
+    spec = next((v for k, v in (body.alwayson_scripts or {}).items() if k.lower() == "controlnet"), None)
+    units = [u for u in ((spec or {}).get("args") or []) if isinstance(u, dict) and u.get("enabled", True)]
+    controls, modes = [], set()
+    for i, unit in enumerate(units):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):   # {"image": b64, "mask": b64} from the extension's own UI
+            image = image.get("image")
+        if not isinstance(image, str):
+            raise UserError(f"{where}.image: give the control picture (base64)")
+        resize = str(unit.get("resize_mode", "Just Resize")).strip().lower()
+        if resize not in A1111_RESIZE:
+            raise UserError(f"{where}.resize_mode {unit.get('resize_mode')!r}: sdrt does Just Resize only")
+        mode = str(unit.get("control_mode", "Balanced")).strip().lower()
+        if mode not in A1111_CONTROL_MODES:
+            raise UserError(f"{where}.control_mode {unit.get('control_mode')!r}: sdrt does Balanced and "
+                            "ControlNet is more important (diffusers' guess mode)")
+        modes.add(A1111_CONTROL_MODES[mode] or bool(unit.get("guess_mode")))
+        picture = preprocess(decode_base64_image(image, f"{where}.image"), str(unit.get("module") or "none").lower(),
+                             unit.get("threshold_a", 100) if unit.get("threshold_a", -1) not in (-1, None) else 100,
+                             unit.get("threshold_b", 200) if unit.get("threshold_b", -1) not in (-1, None) else 200)
+        controls.append({"name": a1111_controlnet_model(unit.get("model"), pipeline), "image": picture,
+                         "scale": unit.get("weight", 1.0), "start": unit.get("guidance_start", 0.0),
+                         "end": unit.get("guidance_end", 1.0)})
+    if len(modes) > 1:
+        raise UserError("alwayson_scripts.controlnet: one control_mode for all units (guess mode is per request)")
+    return controls, bool(modes and modes.pop())
 
 
 # ---- OpenAI ---------------------------------------------------------------------------------------------------

@@ -19,27 +19,6 @@ H, W = 24, 40
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
 
 
-@pytest.fixture(scope="module")
-def controlled(model_dirs, tmp_path_factory):
-    """The tiny SD1 model exported with two ControlNets (edges, depth), and their folders and pictures."""
-    from sdrt.export import export_model
-    from tools.make_models import make_controlnet
-
-    base = tmp_path_factory.mktemp("controlnet")
-    model = model_dirs["sd1-tiny"]
-    nets = {name: make_controlnet(model, base / name, seed=seed) for name, seed in (("edges", 1), ("depth", 2))}
-    engine = base / "engine"
-    export_model(model, engine, progress=False, log=lambda m: None,
-                 controlnets=[f"{nets['edges']}:edges", f"{nets['depth']}:depth"])
-    rng = np.random.default_rng(1)
-    pictures = []
-    for i in range(2):
-        path = base / f"cond{i}.png"
-        Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(path)
-        pictures.append(path)
-    return {"model": model, "engine": engine, "nets": nets, "pictures": pictures, "base": base}
-
-
 def _reference(controlled, names, **kw):
     nets = [diffusers.ControlNetModel.from_pretrained(controlled["nets"][n]) for n in names]
     pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
@@ -167,3 +146,20 @@ def test_generate_cli_takes_controls(controlled, tmp_path):
     assert images_psnr(np.asarray(Image.open(out).convert("RGB")), want) >= 60
     assert_one_line_error(run_cli("generate", controlled["engine"], PROMPT, "--control", "lines:x.png"),
                           "control 'lines'", "edges, depth")
+
+
+def test_canny_finds_a_step_edge_once_and_ignores_flat_and_faint_areas():
+    from sdrt.runtime.control import canny, preprocess
+
+    picture = np.zeros((40, 60, 3), np.uint8)
+    picture[10:30, 15:45] = 255            # a white box: a strong step all round
+    picture[:, 50:] = 20                   # a faint step (gray 20 against 0): below the low threshold
+    edges = canny(Image.fromarray(picture))[..., 0] > 0
+    rows, cols = np.nonzero(edges)
+    assert set(rows) <= set(range(8, 32)) and set(cols) <= set(range(13, 47))   # only around the box
+    for r in range(12, 28):                # each side of the box: one thin line
+        assert edges[r, 13:17].sum() == 1 and edges[r, 43:47].sum() == 1
+    assert not edges[:, 48:].any() and not edges[15:25, 20:40].any()
+    assert (canny(Image.fromarray(picture), 5, 10)[..., 0] > 0)[:, 48:].any()   # lower thresholds find it
+    with pytest.raises(UserError, match="module 'depth'"):
+        preprocess(picture, "depth")
