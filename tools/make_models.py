@@ -296,10 +296,12 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_controlnet(model_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def make_controlnet(model_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+                    embedding_channels: tuple[int, ...] = (8, 16)) -> Path:
     """A ControlNetModel for the checkpoint at ``model_dir`` (``ControlNetModel.from_unet``: its encoder a copy of
-    the UNet's), every weight perturbed (the zero convolutions too, so that its residuals are not zero) and a
-    small conditioning embedding; written beside ``out_dir`` and renamed into place."""
+    the UNet's), every weight perturbed (the zero convolutions too, so that its residuals are not zero), its
+    conditioning embedding of ``embedding_channels`` (small by default; (16, 32, 96, 256) is SD1.5's); written
+    beside ``out_dir`` and renamed into place."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -308,7 +310,7 @@ def make_controlnet(model_dir: str | os.PathLike, out_dir: str | os.PathLike, se
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -94,8 +94,11 @@ class Engine:
     def __init__(self, pipeline, *, max_batch: int = LIMIT["max_batch"].default,
                  max_queue: int = LIMIT["max_queue"].default, timeout: float = LIMIT["timeout"].default,
                  limits: Limits | None = None, decode_batch: int | None = None, observer: Observer | None = None,
-                 parameters_model: str = "", clock: Callable[[], float] = time.monotonic):
-        """``clock``: monotonic seconds, for deadlines and queue times (tests inject one they control)."""
+                 parameters_model: str = "", clock: Callable[[], float] = time.monotonic,
+                 share_controlnets: bool = True):
+        """``clock``: monotonic seconds, for deadlines and queue times (tests inject one they control).
+        ``share_controlnets``: requests with different ControlNets (or none) share a step's UNet call (False:
+        each set of ControlNets batches apart, for comparison)."""
         if max_queue < 1:
             raise UserError(f"max_queue {max_queue}: must be >= 1")
         if not timeout > 0:
@@ -116,6 +119,7 @@ class Engine:
         self.observer = observer or Observer()
         self.parameters_model = parameters_model
         self._clock = clock
+        self.share_controlnets = share_controlnets
         self._queue: list[Job] = []
         self._running: list[Job] = []
         self._finished: list[Job] = []        # denoised, waiting for the VAE decode
@@ -380,6 +384,8 @@ class Engine:
                 job.timings["vae_encode_ms"] = timings["vae_encode_ms"]
             job.latent_shape = loop.latents.shape[1:]
             job.key = (job.latent_shape, loop.context.shape[1:])
+            if not self.share_controlnets:
+                job.key += (tuple(sorted(c.component for c in getattr(loop, "controls", ()))),)
         if "vae_encode_ms" in timings:
             self.observer.stage("vae_encoder", timings["vae_encode_ms"] / 1e3)
         job._emit({"event": "started", "id": job.id, "total": loop.total})
