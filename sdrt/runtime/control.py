@@ -47,7 +47,7 @@ def parse_control(spec) -> dict:
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - {"name", "image", "scale", "start", "end"})
         if unknown or "name" not in spec or "image" not in spec:
-            raise UserError(f"control {shown(spec)}: give name and image, and optionally scale, start, end"
+            raise UserError(f"controls {shown(spec)}: give name and image, and optionally scale, start, end"
                             + (f" (not {unknown[0]!r})" if unknown else ""))
         return dict(spec)
     if isinstance(spec, (tuple, list)) and 2 <= len(spec) <= 5:
@@ -63,7 +63,7 @@ def parse_control(spec) -> dict:
         out = {"name": name, "image": ":".join(parts)}
         out.update(zip(("scale", "start", "end"), numbers))
         return out
-    raise UserError(f"control {shown(spec)}: must be NAME:IMAGE[:SCALE[:START:END]], a dict or a tuple")
+    raise UserError(f"controls {shown(spec)}: must be NAME:IMAGE[:SCALE[:START:END]], a dict or a tuple")
 
 
 def _is_number(text: str) -> bool:
@@ -87,12 +87,12 @@ def check_controls(specs, controlnets: dict[str, str], height: int, width: int) 
         name = c["name"]
         if name not in controlnets:
             have = ", ".join(controlnets) if controlnets else "none (export with `sdrt export --controlnet DIR:NAME`)"
-            raise UserError(f"control {name!r}: this engine has no such ControlNet; it has {have}")
-        scale = _number(f"control {name!r} scale", c.get("scale", 1.0), 0.0, MAX_SCALE)
-        start = _number(f"control {name!r} start", c.get("start", 0.0), 0.0, 1.0)
-        end = _number(f"control {name!r} end", c.get("end", 1.0), 0.0, 1.0)
+            raise UserError(f"controls {name!r}: this engine has no such ControlNet; it has {have}")
+        scale = _number(f"controls {name!r} scale", c.get("scale", 1.0), 0.0, MAX_SCALE)
+        start = _number(f"controls {name!r} start", c.get("start", 0.0), 0.0, 1.0)
+        end = _number(f"controls {name!r} end", c.get("end", 1.0), 0.0, 1.0)
         if start >= end:
-            raise UserError(f"control {name!r}: start {start:g} must be below end {end:g}")
+            raise UserError(f"controls {name!r}: start {start:g} must be below end {end:g}")
         out.append(ControlAsk(name, controlnets[name], control_image(c["image"], height, width, name),
                               scale, start, end))
     return out
@@ -103,7 +103,7 @@ def control_image(source, height: int, width: int, name: str = "") -> np.ndarray
     [1, 3, H, W] float32 in [0, 1]."""
     from sdrt.runtime.masks import open_image
 
-    image = open_image(source, f"control {name!r} image" if name else "control image", "RGB")
+    image = open_image(source, f"controls {name!r} image" if name else "control image", "RGB")
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
     return np.ascontiguousarray((np.asarray(image).astype(np.float32) / 255.0).transpose(2, 0, 1)[None])
 

@@ -145,7 +145,7 @@ def test_generate_cli_takes_controls(controlled, tmp_path):
         controls=[("edges", controlled["pictures"][0], 0.7, 0, 0.5), ("depth", controlled["pictures"][1])]).images[0]
     assert images_psnr(np.asarray(Image.open(out).convert("RGB")), want) >= 60
     assert_one_line_error(run_cli("generate", controlled["engine"], PROMPT, "--control", "lines:x.png"),
-                          "control 'lines'", "edges, depth")
+                          "controls 'lines'", "edges, depth")
 
 
 def test_canny_finds_a_step_edge_once_and_ignores_flat_and_faint_areas():
