@@ -258,7 +258,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             if comp == "unet" and control_specs:
                 _set_postfix(bar, "unet", f"{len(control_specs)} ControlNet(s) and the UNet taking their residuals")
                 pair.update(_export_controlnets(spec, loaded["unet"], control_specs, trace_inputs, check_inputs,
-                                                numbers, tmp, opset, allow_pickle, log))
+                                                numbers, tmp, opset, cpu_variants, log))
             del module, trace_inputs
             if source not in (SOURCES[c] for c in comps[i + 1:]):
                 # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
@@ -401,7 +401,7 @@ def _controlnet_specs(controlnets: Sequence[str], unet_config: dict | None, comp
 
 
 def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inputs, numbers: dict, out: Path,
-                        opset: int, allow_pickle: bool, log: Callable[[str], None]) -> dict:
+                        opset: int, cpu_variants: bool, log: Callable[[str], None]) -> dict:
     """``controlnet_NAME`` for each ControlNet and ``unet_control``, each checked against PyTorch on the UNet's
     check inputs and a control image of their size."""
     import torch
@@ -410,6 +410,7 @@ def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inpu
     from sdrt.export.controlnet import PREFIX, UNET_CONTROL, ControlledUNetGraph, ControlNetGraph, residual_specs
     from sdrt.export.graphs import GraphSpec, export_graph
     from sdrt.export.parity import compare, torch_outputs
+    from sdrt.export.rewrites import split_geglu
 
     f = numbers["vae_scale_factor"]
 
@@ -453,9 +454,16 @@ def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inpu
     trace = {**trace_inputs, **dict(zip(names, trace_res))}
     check = {**check_inputs, **dict(zip(names, check_res))}
     expected = torch_outputs(module, check)
-    graph, data_file = export_graph(spec, module, trace, out / UNET_CONTROL, opset, external=True)
-    parity = compare(UNET_CONTROL, graph, expected, check, [n for n, _, _ in unet_spec.outputs])
-    entries[UNET_CONTROL] = _entry(UNET_CONTROL, spec, graph, data_file, parity, {}, t0, log)
+    outputs = [n for n, _, _ in unet_spec.outputs]
+    with split_geglu(unet):   # as the plain UNet: its CPU variant with fused attention beside the portable graph
+        if cpu_variants:
+            graph, data_file, variants = _export_unet_variants(spec, module, unet, trace, out / UNET_CONTROL, opset)
+        else:
+            (graph, data_file), variants = export_graph(spec, module, trace, out / UNET_CONTROL, opset,
+                                                        external=True), {}
+    parity = compare(UNET_CONTROL, graph, expected, check, outputs)
+    variants = _checked_variants(UNET_CONTROL, variants, data_file, expected, check, outputs)
+    entries[UNET_CONTROL] = _entry(UNET_CONTROL, spec, graph, data_file, parity, variants, t0, log)
     return entries
 
 

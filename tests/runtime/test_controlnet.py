@@ -36,6 +36,9 @@ def test_the_manifest_records_each_controlnet_and_the_residual_unet(controlled):
                                                                    "depth": "controlnet_depth"}}
     for comp in ("controlnet_edges", "controlnet_depth", "unet_control"):
         assert m["components"][comp]["parity"]["rel_l2"] <= 1e-4, comp
+    # like the plain UNet, the CPU backend's graph with fused attention beside the portable one
+    cpu = m["components"]["unet_control"]["variants"]["cpu"]
+    assert cpu["attention"] == "com.microsoft.MultiHeadAttention" and cpu["parity"]["rel_l2"] <= 1e-4
     outs = [o["name"] for o in m["components"]["controlnet_edges"]["outputs"]]
     ins = [i["name"] for i in m["components"]["unet_control"]["inputs"]]
     assert outs[-1] == "mid_residual" and ins[3:] == outs
