@@ -35,7 +35,7 @@ from sdrt.runtime.rng import TorchCPUGenerator
 from sdrt.runtime.schedulers import Scheduler, make_scheduler
 from sdrt.runtime.settings import (  # noqa: F401 - the defaults, importable from here as before
     DEFAULT_AESTHETIC_SCORE, DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_AESTHETIC_SCORE, DEFAULT_STEPS, DEFAULT_STRENGTH,
-    MAX_SEED, check_size,
+    MAX_SEED,
 )
 from sdrt.runtime.settings import shown as _shown
 
@@ -242,9 +242,6 @@ class Pipeline:
                             inpaint_area=inpaint_area, inpaint_padding=inpaint_padding, overlay=overlay,
                             outpaint=outpaint, noise_multiplier=noise_multiplier, controls=controls,
                             guess_mode=guess_mode)
-
-    def _size(self, what: str, value) -> int:
-        return check_size(what, value, self.model.size_multiple)
 
     # ---- stages ---------------------------------------------------------------------------------------
     def text_inputs(self, req: Request, second: bool = False) -> list[str]:
