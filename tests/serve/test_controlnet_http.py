@@ -57,19 +57,25 @@ def test_native_controls_equal_the_pipeline(server, controlled):
 
 def test_a1111_controlnet_units_from_its_client(server, controlled):
     webuiapi = pytest.importorskip("webuiapi")
+    # webuiapi writes ControlNet units into its mutable default alwayson_scripts={}, where they would stay for every
+    # later call in this process (another test's server then gets a unit it never asked for): pass a fresh dict.
+    fresh = dict
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=3)
     assert api.controlnet_model_list() == ["edges", "depth"]
     assert api.controlnet_module_list() == ["none", "canny"]
     picture = Image.open(controlled["pictures"][1])
     unit = webuiapi.ControlNetUnit(image=picture, module="none", model="depth [0f2a9c1e]", weight=1.2,
                                    guidance_start=0.1, guidance_end=0.9, resize_mode="Just Resize")
-    result = api.txt2img(prompt="a fox", seed=9, cfg_scale=7.0, width=W, height=H, controlnet_units=[unit])
+    result = api.txt2img(prompt="a fox", seed=9, cfg_scale=7.0, width=W, height=H, controlnet_units=[unit],
+                         alwayson_scripts=fresh())
     want = server.pipe.generate("a fox", steps=3, seed=9, guidance=7.0, scheduler="euler_a", height=H, width=W,
                                 controls=[("depth", picture, 1.2, 0.1, 0.9)]).images[0]
     assert images_psnr(np.asarray(result.image.convert("RGB")), want) >= 60
     canny = webuiapi.ControlNetUnit(image=picture, module="canny", model="edges", threshold_a=100, threshold_b=200,
                                     resize_mode="Just Resize")
-    assert api.txt2img(prompt="a fox", seed=9, width=W, height=H, controlnet_units=[canny]).image.size == (W, H)
+    made = api.txt2img(prompt="a fox", seed=9, width=W, height=H, controlnet_units=[canny], alwayson_scripts=fresh())
+    assert made.image.size == (W, H)
     with pytest.raises(RuntimeError, match="resize_mode"):
         api.txt2img(prompt="a fox", width=W, height=H,
-                    controlnet_units=[webuiapi.ControlNetUnit(image=picture, model="edges")])  # Resize and Fill
+                    controlnet_units=[webuiapi.ControlNetUnit(image=picture, model="edges")],  # Resize and Fill
+                    alwayson_scripts=fresh())
