@@ -15,12 +15,17 @@ Real diffusers/transformers classes, the real CLIP vocabulary (tools/clip_vocab.
 * ``lcm-tiny``: an LCM-distilled SD1-style UNet (``time_cond_proj_dim``: the guidance embedding) with the
   LCM scheduler, saved as a LatentConsistencyModelPipeline.
 * ``sd15``: the full-size SD1.5 architecture (860M-parameter UNet) for benchmarks; never in tests.
+* ``controlnet`` / ``t2i-adapter`` (with ``--base MODEL_DIR``): a random ControlNet (``ControlNetModel.from_unet``
+  of the base's UNet, so it fits it; a conditioning embedding that downsamples the control image by the base's
+  VAE scale factor unless ``embedding`` says otherwise) or T2I-Adapter (``full_adapter``, one feature per UNet
+  down block at that block's width), saved as a diffusers model folder.
 * ``sdxl``: the full-size SDXL base 1.0 architecture (2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG text
   encoders, the SDXL VAE), its configs as stabilityai/stable-diffusion-xl-base-1.0 ships them, for benchmarks;
   never in tests. Weights are saved in shards of at most 2 GB, so neither writing nor loading holds a whole
   component's file in memory twice.
 
     python -m tools.make_models sd1-tiny OUT_DIR [--seed N]
+    python -m tools.make_models controlnet OUT_DIR --base MODEL_DIR [--seed N]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tools.clip_vocab import EOS, write_clip_tokenizer
 
 KINDS = ("sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny",
          "lcm-tiny", "sd15", "sdxl")
+CONTROL_KINDS = ("controlnet", "t2i-adapter")  # made for a base checkpoint (--base)
 BENCHMARK_KINDS = ("sd15", "sdxl")  # full-size architectures: left at their random init, saved in shards
 
 SD1_SCHEDULER = {
@@ -287,13 +293,77 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out_dir
 
 
+def _perturbed(module, seed: int):
+    """``module`` with every parameter moved a little (zero-initialised convolutions too), so every path carries
+    signal and parity checks measure something."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return module.eval()
+
+
+def _save_beside(module, out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_pretrained(tmp, safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def make_controlnet(base: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+                    embedding: tuple[int, ...] | None = None) -> Path:
+    """A random ControlNet for the checkpoint at ``base`` (``ControlNetModel.from_unet`` of its UNet, weights
+    copied then perturbed). ``embedding``: the conditioning embedding's channels; by default as many levels as
+    downsample the control image by the base's VAE scale factor (16, 32, 96, 256 for a factor of 8, as
+    released ControlNets)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    base = Path(base)
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    levels = len(vae.get("block_out_channels", (0,) * 4))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding or (16, 32, 96, 256)[:levels])
+    return _save_beside(_perturbed(controlnet, seed), out_dir)
+
+
+def make_t2i_adapter(base: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A random T2I-Adapter (``full_adapter``) for the checkpoint at ``base``: its pixel unshuffle by the VAE
+    scale factor, then one feature per UNet down block, at that block's width and resolution."""
+    import torch
+    from diffusers import T2IAdapter
+
+    base = Path(base)
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=vae.get("in_channels", 3), channels=list(unet["block_out_channels"]),
+                         num_res_blocks=1, downscale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                         adapter_type="full_adapter")
+    return _save_beside(_perturbed(adapter, seed), out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=KINDS)
+    ap.add_argument("kind", choices=KINDS + CONTROL_KINDS)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default=None, help="controlnet, t2i-adapter: the checkpoint folder it is made for")
     args = ap.parse_args(argv)
-    path = make_model(args.kind, args.out_dir, args.seed)
+    if args.kind in CONTROL_KINDS:
+        if args.base is None:
+            ap.error(f"{args.kind} needs --base MODEL_DIR")
+        make = make_controlnet if args.kind == "controlnet" else make_t2i_adapter
+        path = make(args.base, args.out_dir, args.seed)
+    else:
+        path = make_model(args.kind, args.out_dir, args.seed)
     print(path)
     return 0
 

@@ -54,18 +54,19 @@ def decode_to_uint8(sample: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def _open_init_image(source: str | Path | bytes | Image.Image) -> tuple[Image.Image, str]:
-    """The picture as RGB with its EXIF orientation applied (``diffusers.utils.load_image``), and a name for errors."""
+def open_image(source: str | Path | bytes | Image.Image, what: str = "init image") -> tuple[Image.Image, str]:
+    """The picture as RGB with its EXIF orientation applied (``diffusers.utils.load_image``), and a name for errors
+    (``what`` it is, and where from)."""
     if isinstance(source, Image.Image):
-        name = f"init image ({source.width}x{source.height} {source.mode} PIL image)"
+        name = f"{what} ({source.width}x{source.height} {source.mode} PIL image)"
         return ImageOps.exif_transpose(source).convert("RGB"), name
     if isinstance(source, (bytes, bytearray)):
-        name, opener = "init image", lambda: Image.open(io.BytesIO(source))
+        name, opener = what, lambda: Image.open(io.BytesIO(source))
     else:
         path = Path(source)
         if not path.is_file():
-            raise UserError(f"init image {path} does not exist or is not a file")
-        name, opener = f"init image {path}", lambda: Image.open(path)
+            raise UserError(f"{what} {path} does not exist or is not a file")
+        name, opener = f"{what} {path}", lambda: Image.open(path)
     try:
         with opener() as opened:
             return ImageOps.exif_transpose(opened).convert("RGB"), name
@@ -84,7 +85,7 @@ def load_init_image(
     image's, both rounded *down* to a multiple of ``vae_scale_factor`` (the VAE cannot encode other sizes;
     a SdrtWarning says so), Lanczos resize, ``/255``, ``*2 - 1``.
     """
-    image, name = _open_init_image(source)
+    image, name = open_image(source)
 
     asked = (image.height if height is None else int(height), image.width if width is None else int(width))
     height, width = (v - v % vae_scale_factor for v in asked)

@@ -1,0 +1,276 @@
+"""ControlNets and T2I-Adapters at run time, without torch: the names the engine directory gives them, the
+control image as diffusers prepares it, a Canny preprocessor, the per-step keep flags of a control-guidance
+window, guess mode's scales, and the one-line checks.
+
+What `sdrt export --controlnet DIR[:NAME]` writes (sdrt.export.controlnet), in the manifest::
+
+    "components": {
+      "controlnet/NAME": {... inputs: sample, timestep, encoder_hidden_states, controlnet_cond [, text_embeds,
+                          time_ids]; outputs: down_residual_0..N-1, mid_residual}        # a ControlNet
+      "controlnet/NAME": {... inputs: controlnet_cond; outputs: adapter_feature_0..K-1}   # a T2I-Adapter
+      "unet_control": {... the UNet's inputs + down_residual_0..N-1, mid_residual -> out_sample, "base": {...}}
+      "unet_adapter": {... the UNet's inputs + adapter_feature_0..K-1 -> out_sample, "base": {...}}
+    },
+    "controlnets": {"NAME": {"kind": "controlnet" | "t2i_adapter", "component": "controlnet/NAME",
+                             "unet": "unet_control" | "unet_adapter",   # the UNet graph that takes its outputs
+                             "residuals": [names, in the order the UNet graph takes them],
+                             "image_input": "controlnet_cond", "image_multiple": int,  # sizes the image must divide
+                             "global_pool_conditions": bool,    # ControlNet: residuals are pooled (forces guess mode)
+                             "source": {"path", "sha256", "format": "diffusers" | "original"},
+                             "base": {...}}}    # the UNet numbers it was made for (== its UNet graph's "base")
+
+The control image is ``controlnet_cond``: [B, 3, H, W], RGB in [0, 1], at the output size (prepare_image). The
+graphs compute at conditioning scale 1: diffusers multiplies every residual by the scale inside
+``ControlNetModel.forward`` (guess mode: by ``logspace(-1, 0, N + 1) * scale``, the last for the mid residual), a
+product that commutes with everything after it, so the runtime multiplies in numpy (``residual_scales``) and one
+graph serves every scale, window and guess mode. A step whose scale is 0 needs no ControlNet: the plain ``unet``
+gives the same numbers (x + 0 = x). A T2I-Adapter runs once per image, before the loop; its features times
+``adapter_conditioning_scale`` go to ``unet_adapter`` at every step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sdrt.errors import UserError
+
+CONTROLNETS = "controlnets"          # the manifest's section
+UNET_CONTROL = "unet_control"        # the UNet taking a ControlNet's residuals
+UNET_ADAPTER = "unet_adapter"        # the UNet taking a T2I-Adapter's features
+CONTROLNET, T2I_ADAPTER = "controlnet", "t2i_adapter"
+KINDS = (CONTROLNET, T2I_ADAPTER)
+CONTROL_IMAGE = "controlnet_cond"
+MID_RESIDUAL = "mid_residual"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64"
+# the UNet numbers a ControlNet's residuals depend on (and SDXL's added conditioning it reads)
+FIT_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
+            "addition_embed_type", "projection_class_embeddings_input_dim")
+CANNY_THRESHOLDS = (100, 200)  # the ControlNet annotators' (lllyasviel/ControlNet gradio_canny2image defaults)
+
+
+def down_residual(i: int) -> str:
+    return f"down_residual_{i}"
+
+
+def adapter_feature(i: int) -> str:
+    return f"adapter_feature_{i}"
+
+
+def control_component(name: str) -> str:
+    return f"controlnet/{name}"
+
+
+def check_name(name: str, what: str = "--controlnet") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"{what} name {name!r}: use {NAME_RULE} characters")
+    return name
+
+
+# ---- the manifest ------------------------------------------------------------------------------------------
+def controlnet_record(manifest: Mapping, name: str) -> dict:
+    """The manifest's record of ControlNet ``name`` (``manifest``: the parsed sdrt.json); an unknown name is one
+    line listing the engine's."""
+    known = manifest.get(CONTROLNETS) or {}
+    if name not in known:
+        have = ", ".join(sorted(known)) or "none (add one with `sdrt export MODEL_DIR ENGINE_DIR --add --controlnet DIR`)"
+        raise UserError(f"controlnet {name!r} is not in this engine; it has: {have}")
+    return known[name]
+
+
+def check_fits(name: str, record: Mapping, unet_entry: Mapping) -> None:
+    """A ControlNet/T2I-Adapter made for this UNet: its recorded base equals the UNet graph's, and its outputs are
+    the graph's extra inputs with the same shapes (one line naming the first difference)."""
+    base, want = record.get("base") or {}, unet_entry.get("base") or {}
+    for key in sorted(set(base) | set(want)):
+        if base.get(key) != want.get(key):
+            raise UserError(f"controlnet {name!r} was made for a model with {key}={base.get(key)!r}; this engine's "
+                            f"UNet has {key}={want.get(key)!r}")
+    inputs = {d["name"]: d.get("shape") for d in unet_entry.get("inputs", ())}
+    for r in record.get("outputs", ()):
+        if inputs.get(r["name"], "absent") != r.get("shape"):
+            raise UserError(f"controlnet {name!r}: its output {r['name']} has shape {r.get('shape')}; the UNet graph "
+                            f"takes {inputs.get(r['name'], 'no such input')}")
+
+
+def check_scale(scale: float, what: str = "controlnet_conditioning_scale", limit: float = 10.0) -> float:
+    """A conditioning scale: finite, 0 to ``limit`` (diffusers accepts any float; beyond a few the residuals swamp
+    the UNet, and a negative one inverts the control)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} {scale!r}: must be a number from 0 to {limit:g}") from None
+    if not math.isfinite(value) or not 0.0 <= value <= limit:
+        raise UserError(f"{what} {scale!r}: must be a number from 0 to {limit:g}")
+    return value
+
+
+def check_window(start: float, end: float) -> tuple[float, float]:
+    """control_guidance_start/end: 0 <= start < end <= 1 (diffusers' check_inputs)."""
+    try:
+        s, e = float(start), float(end)
+    except (TypeError, ValueError):
+        raise UserError(f"control guidance window {start!r}..{end!r}: both must be numbers in [0, 1]") from None
+    if not (0.0 <= s < e <= 1.0):
+        raise UserError(f"control guidance window {start!r}..{end!r}: need 0 <= start < end <= 1")
+    return s, e
+
+
+# ---- the arithmetic diffusers does around the graphs -------------------------------------------------------
+def controlnet_keep(steps: int, start: float, end: float) -> list[float]:
+    """Per step i, 1.0 while the step lies in the control-guidance window, else 0.0: diffusers' ``controlnet_keep``
+    (``1 - (i / steps < start or (i + 1) / steps > end)``), over the scheduler's timesteps (``len(timesteps)``,
+    which counts a second-order scheduler's extra evaluations)."""
+    return [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+def residual_scales(count: int, scale: float, guess_mode: bool = False, global_pool: bool = False) -> np.ndarray:
+    """The factor of each of ``count`` residuals (the down ones, then the mid one), as ControlNetModel.forward
+    multiplies them: ``scale`` each, or in guess mode (without global pooling) ``logspace(-1, 0, count) * scale``,
+    0.1 for the first to 1.0 for the mid residual, in float32 as torch computes it."""
+    if guess_mode and not global_pool:
+        return (torch_logspace_float32(-1.0, 0.0, count) * np.float32(scale)).astype(np.float32)
+    return np.full(count, scale, dtype=np.float32)
+
+
+def torch_logspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.logspace(start, end, steps)`` (float32), value for value: torch's CPU kernel takes the step in
+    double, computes ``10 ** (start + i * step)`` for the first half and ``10 ** (end - (steps - 1 - i) * step)``
+    for the rest, in double, and rounds each to float32."""
+    start, end = float(np.float32(start)), float(np.float32(end))
+    if steps == 1:
+        return np.array([10.0 ** start], dtype=np.float32)
+    step = (end - start) / (steps - 1)
+    i = np.arange(steps, dtype=np.float64)
+    exponent = np.where(i < steps // 2, start + step * i, end - step * (steps - 1 - i))
+    return np.power(10.0, exponent).astype(np.float32)
+
+
+def scaled(outputs: Mapping[str, np.ndarray], names: Sequence[str], scales: Sequence[float]) -> dict[str, np.ndarray]:
+    """``outputs[name] * scale`` for each residual name, in float32 (a scale of 1 returns the array itself)."""
+    return {n: outputs[n] if s == 1.0 else outputs[n] * np.float32(s) for n, s in zip(names, scales)}
+
+
+# ---- the control image ---------------------------------------------------------------------------------------
+def prepare_control_image(source, height: int, width: int, vae_scale_factor: int) -> np.ndarray:
+    """The control image as ``[1, 3, H, W]`` float32 RGB in [0, 1], as StableDiffusionControlNetPipeline's
+    ``prepare_image`` makes it (``VaeImageProcessor(do_convert_rgb=True, do_normalize=False).preprocess``):
+    height and width rounded down to multiples of ``vae_scale_factor``, a Lanczos resize in the image's own mode,
+    then RGB, then /255. ``source``: a path, the bytes of an image file (both read as diffusers' ``load_image``
+    reads them: EXIF orientation applied, RGB), a PIL image, or an ``[H, W, 3]`` uint8 array."""
+    from PIL import Image
+
+    from sdrt.runtime.images import open_image
+
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[-1] != 3 or source.dtype != np.uint8:
+            raise UserError(f"control image array: expected [H, W, 3] uint8, got {source.dtype} {list(source.shape)}")
+        image = Image.fromarray(source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        image = open_image(source, "control image")[0]
+    height, width = (int(v) - int(v) % vae_scale_factor for v in (height, width))
+    if height <= 0 or width <= 0:
+        raise UserError(f"control image size {width}x{height}: must be at least the VAE scale factor {vae_scale_factor}")
+    image = image.resize((width, height), resample=Image.Resampling.LANCZOS).convert("RGB")
+    pixels = np.asarray(image).astype(np.float32) / 255.0
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+
+
+# ---- Canny ---------------------------------------------------------------------------------------------------
+def canny(image: np.ndarray, low: float = CANNY_THRESHOLDS[0], high: float = CANNY_THRESHOLDS[1]) -> np.ndarray:
+    """Canny edges of an ``[H, W, 3]`` or ``[H, W]`` uint8 image as ``[H, W, 3]`` uint8, 255 on an edge: what the
+    ControlNet annotators feed a canny ControlNet (``cv2.Canny(rgb, low, high)`` stacked to three channels).
+
+    OpenCV's algorithm in integers (imgproc/src/canny.cpp, L1 gradient, aperture 3): 3x3 Sobel per channel with
+    replicated borders, magnitude ``|gx| + |gy|`` of the channel where it is largest (the first on ties); non-maximum
+    suppression across the edge in one of four directions told by tan(22.5) in 15-bit fixed point; hysteresis from
+    the pixels above ``floor(high)`` through 8-connected ones above ``floor(low)``. No blur (Canny has none).
+    """
+    try:
+        lo, hi = sorted((math.floor(float(low)), math.floor(float(high))))
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"canny thresholds {low!r}/{high!r}: must be numbers") from None
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 3)):
+        raise UserError(f"canny: expected an [H, W, 3] or [H, W] uint8 image, got {img.dtype} {list(img.shape)}")
+    channels = img.reshape(img.shape[0], img.shape[1], -1).astype(np.int32)
+    p = np.pad(channels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = img.shape[:2]
+
+    def at(dy, dx):
+        return p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+    gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+    mags = np.abs(gx) + np.abs(gy)
+    pick = np.argmax(mags, axis=2)[:, :, None]  # the first channel of largest magnitude
+    mag, gx, gy = (np.take_along_axis(a, pick, axis=2)[:, :, 0] for a in (mags, gx, gy))
+    candidate = _non_maximum(mag, gx, gy) & (mag > lo)
+    edges = _hysteresis(candidate, candidate & (mag > hi))
+    return np.repeat(np.where(edges, np.uint8(255), np.uint8(0))[:, :, None], 3, axis=2)
+
+
+CANNY_SHIFT = 15
+TG22 = int(0.4142135623730950488016887242097 * (1 << CANNY_SHIFT) + 0.5)
+
+
+def _non_maximum(mag: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Where the magnitude is a maximum across the edge, as OpenCV tests it: against the left/right neighbours
+    when |gy| < tan(22.5) |gx|, above/below when |gy| > tan(67.5) |gx|, else the diagonal the gradient's signs
+    pick; strictly greater than the neighbour before (and, left/right and above/below, at least the one after),
+    so a plateau keeps one pixel. Outside the image the magnitude is 0."""
+    h, w = mag.shape
+    m = np.pad(mag, 1)
+
+    def at(dy, dx):
+        return m[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    x = np.abs(gx).astype(np.int64)
+    y = np.abs(gy).astype(np.int64) << CANNY_SHIFT
+    tg22x = x * TG22
+    tg67x = tg22x + (x << (CANNY_SHIFT + 1))
+    horizontal = y < tg22x
+    vertical = ~horizontal & (y > tg67x)
+    opposite = (gx ^ gy) < 0  # signs differ: the edge runs from bottom-left to top-right
+    diagonal = np.where(opposite, (mag > at(-1, 1)) & (mag > at(1, -1)), (mag > at(-1, -1)) & (mag > at(1, 1)))
+    return np.where(horizontal, (mag > at(0, -1)) & (mag >= at(0, 1)),
+                    np.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)), diagonal))
+
+
+def _hysteresis(candidate: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """The candidates 8-connected to a strong pixel (grown by dilation until nothing changes)."""
+    from PIL import Image, ImageFilter
+
+    edges = strong
+    while True:
+        # a 3x3 maximum filter on 0/255 pixels: PIL does it in C, where a numpy loop would take 9 passes a round
+        grown = np.asarray(Image.fromarray(np.where(edges, np.uint8(255), np.uint8(0))).filter(ImageFilter.MaxFilter(3)))
+        grown = (grown > 0) & candidate
+        if np.array_equal(grown, edges):
+            return edges
+        edges = grown
+
+
+PREPROCESSORS = ("none", "canny")
+
+
+def load_control_image(source, preprocessor: str = "none"):
+    """The control image a user gave, read and preprocessed (before prepare_control_image): ``none`` (as given)
+    or ``canny`` (its Canny edges, thresholds 100/200). ``source``: a path, bytes or a PIL image; returns a PIL
+    image."""
+    from PIL import Image
+
+    from sdrt.runtime.images import open_image
+
+    if preprocessor not in PREPROCESSORS:
+        raise UserError(f"control preprocessor {preprocessor!r}: choose one of {', '.join(PREPROCESSORS)}")
+    image = source if isinstance(source, Image.Image) else open_image(source, "control image")[0]
+    if preprocessor == "canny":
+        image = Image.fromarray(canny(np.asarray(image.convert("RGB"))))
+    return image
