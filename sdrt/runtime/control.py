@@ -47,9 +47,9 @@ CONTROL_IMAGE = "controlnet_cond"
 MID_RESIDUAL = "mid_residual"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64"
-# the UNet numbers a ControlNet's residuals depend on (and SDXL's added conditioning it reads)
-FIT_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
-            "addition_embed_type", "projection_class_embeddings_input_dim")
+# the UNet numbers a ControlNet's residuals depend on (and the conditioning it reads), the family's tell first
+FIT_KEYS = ("cross_attention_dim", "addition_embed_type", "projection_class_embeddings_input_dim", "in_channels",
+            "block_out_channels", "layers_per_block", "down_block_types")
 CANNY_THRESHOLDS = (100, 200)  # the ControlNet annotators' (lllyasviel/ControlNet gradio_canny2image defaults)
 
 
