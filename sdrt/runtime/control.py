@@ -160,20 +160,13 @@ def prepare_control_image(source, height: int, width: int, vae_scale_factor: int
     """The control image as ``[1, 3, H, W]`` float32 RGB in [0, 1], as StableDiffusionControlNetPipeline's
     ``prepare_image`` makes it (``VaeImageProcessor(do_convert_rgb=True, do_normalize=False).preprocess``):
     height and width rounded down to multiples of ``vae_scale_factor``, a Lanczos resize in the image's own mode,
-    then RGB, then /255. ``source``: a path, the bytes of an image file (both read as diffusers' ``load_image``
-    reads them: EXIF orientation applied, RGB), a PIL image, or an ``[H, W, 3]`` uint8 array."""
+    then RGB, then /255. ``source``: a path or the bytes of an image file (read as diffusers' ``load_image`` reads
+    them: EXIF orientation applied, RGB), or a PIL image."""
     from PIL import Image
 
     from sdrt.runtime.images import open_image
 
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[-1] != 3 or source.dtype != np.uint8:
-            raise UserError(f"control image array: expected [H, W, 3] uint8, got {source.dtype} {list(source.shape)}")
-        image = Image.fromarray(source)
-    elif isinstance(source, Image.Image):
-        image = source
-    else:
-        image = open_image(source, "control image")[0]
+    image = source if isinstance(source, Image.Image) else open_image(source, "control image")[0]
     height, width = (int(v) - int(v) % vae_scale_factor for v in (height, width))
     if height <= 0 or width <= 0:
         raise UserError(f"control image size {width}x{height}: must be at least the VAE scale factor {vae_scale_factor}")
