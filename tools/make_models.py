@@ -335,8 +335,10 @@ def make_controlnet(base: str | os.PathLike, out_dir: str | os.PathLike, seed: i
 
 
 def make_t2i_adapter(base: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """A random T2I-Adapter (``full_adapter``) for the checkpoint at ``base``: its pixel unshuffle by the VAE
-    scale factor, then one feature per UNet down block, at that block's width and resolution."""
+    """A random T2I-Adapter for the checkpoint at ``base``, one feature per UNet down block at that block's width
+    and where diffusers adds it: ``full_adapter`` (unshuffle by the VAE factor, then halving) for a UNet whose
+    first block has cross-attention (SD1/SD2), else ``full_adapter_xl`` (unshuffle by twice the factor: SDXL's
+    first block adds it after downsampling)."""
     import torch
     from diffusers import T2IAdapter
 
@@ -344,9 +346,11 @@ def make_t2i_adapter(base: str | os.PathLike, out_dir: str | os.PathLike, seed: 
     unet = json.loads((base / "unet" / "config.json").read_text())
     vae = json.loads((base / "vae" / "config.json").read_text())
     torch.manual_seed(seed)
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    xl = "CrossAttn" not in unet["down_block_types"][0]
     adapter = T2IAdapter(in_channels=vae.get("in_channels", 3), channels=list(unet["block_out_channels"]),
-                         num_res_blocks=1, downscale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-                         adapter_type="full_adapter")
+                         num_res_blocks=1, downscale_factor=factor * 2 if xl else factor,
+                         adapter_type="full_adapter_xl" if xl else "full_adapter")
     return _save_beside(_perturbed(adapter, seed), out_dir)
 
 

@@ -23,6 +23,7 @@ UNet's and the file's conditioning embedding. A T2I-Adapter is a diffusers ``T2I
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -161,13 +162,12 @@ def check_fits(source: ControlSource, unet_config: dict, numbers: dict, where: s
     """One line naming the first number in which ``source`` was made for another model."""
     cfg, factor = source.config, numbers["vae_scale_factor"]
     if source.kind == T2I_ADAPTER:
-        channels, blocks = list(cfg.get("channels", ())), list(unet_config["block_out_channels"])
-        if channels[:len(blocks)] != blocks[:len(channels)]:
-            raise UserError(f"{where}: a T2I-Adapter with feature channels {channels}; this model's UNet blocks have "
-                            f"{blocks} (made for another model)")
-        if cfg.get("adapter_type", "full_adapter") == "full_adapter" and cfg.get("downscale_factor", 8) != factor:
-            raise UserError(f"{where}: the adapter unshuffles the image by {cfg.get('downscale_factor', 8)}; this "
-                            f"model's latents are 1/{factor} of the image (made for another model)")
+        features, slots = adapter_features(cfg, factor), unet_adapter_slots(unet_config)
+        for k, (got, want) in enumerate(zip(features or (), slots)):
+            if got != want:
+                raise UserError(f"{where}: a T2I-Adapter whose feature {k} has {got[0]} channels at 1/2^{got[1]} of "
+                                f"the latent size; this model's UNet adds {want[0]} at 1/2^{want[1]} there (made for "
+                                "another model)")
         return
     for key in FIT_KEYS:
         want, got = unet_config.get(key), cfg.get(key)
@@ -316,16 +316,21 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
     from sdrt.export.parity import compare, torch_outputs
 
     ControlNetGraph, AdapterGraph, UNetResidualGraph = _graphs()
-    trace_shape, check_shape = _shapes(numbers, 2 ** (len(ckpt.unet_config["block_out_channels"]) - 1))
+    multiple = 2 ** (len(ckpt.unet_config["block_out_channels"]) - 1)
+    shapes = _shapes(numbers, multiple)
     vocab = int(ckpt.text_config.get("vocab_size", 49408))
     unet_inputs = unet_spec.inputs
     # ControlNets read the UNet's inputs but an LCM UNet's guidance embedding
     base_inputs = tuple(i for i in unet_inputs if i[0] != "timestep_cond")
     image = (CONTROL_IMAGE, "float32", ("batch", 3, "height", "width"))
     out = ControlExport({}, {}, [], [])
-    examples: dict[str, tuple] = {}  # UNet graph -> (trace residuals, check residuals, residual specs) of a source
+    examples: dict[str, tuple] = {}  # UNet graph -> (residual specs, trace and check residuals, shapes) of a source
     for src in sources:
         t0 = time.perf_counter()
+        # an adapter's image must divide by its unshuffle: latent sizes that are multiples of what that makes
+        ratio = max(1, src.config.get("downscale_factor", 1) // numbers["vae_scale_factor"]) \
+            if src.kind == T2I_ADAPTER else 1
+        trace_shape, check_shape = (_fit_shape(s, ratio, multiple) for s in shapes)
         model = load_control(src, allow_pickle)
         trace = example_inputs(unet_spec, numbers, *trace_shape, vocab, seed=0)
         check = example_inputs(unet_spec, numbers, *check_shape, vocab, seed=1)
@@ -338,7 +343,7 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
             module = ControlNetGraph(model, extra).eval()
             names = (*(n for n, _, _ in base_inputs[:3]), CONTROL_IMAGE, *extra)
         else:
-            module = AdapterGraph(model, _features_read(ckpt.unet_config, model.config)).eval()
+            module = AdapterGraph(model, _features_read(ckpt.unet_config, model.config, numbers["vae_scale_factor"])).eval()
             names = (CONTROL_IMAGE,)
         trace_in = {n: trace[n] for n in names}
         check_in = {n: check[n] for n in names}
@@ -356,7 +361,8 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
         expected = torch_outputs(module, check_in)
         folder = stage / src.component
         graph, data_file, variants = _export_with_variants(spec, module, model, trace_in, folder, opset, cpu_variants)
-        examples.setdefault(src.unet_graph, ([t for t in traced_out], [torch.from_numpy(e) for e in expected], outputs))
+        examples.setdefault(src.unet_graph, (outputs, list(traced_out), [torch.from_numpy(e) for e in expected],
+                                             trace_shape, check_shape))
         del module, model, traced_out
         _release_memory()
         parity = compare(src.component, graph, expected, check_in, out_names)
@@ -364,7 +370,7 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
         out.components[src.component] = _entry(src.component, spec, graph, data_file, parity, variants, t0, log)
         out.records[src.name] = _record(src, out.components[src.component], ckpt.unet_config)
         out.folders.append(src.component)
-    for comp, (trace_res, check_res, res_specs) in examples.items():
+    for comp, (res_specs, trace_res, check_res, trace_shape, check_shape) in examples.items():
         if comp in present:
             continue
         out.components[comp], renames = _export_unet_graph(
@@ -374,10 +380,51 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
     return out
 
 
-def _features_read(unet_config: dict, adapter_config) -> int:
-    """How many of a T2I-Adapter's features the UNet adds: one per down block, and one more in the mid block when
-    the adapter has it (SDXL's adapters: diffusers adds it where the shapes agree)."""
-    return min(len(adapter_config.channels), len(unet_config["block_out_channels"]) + 1)
+def adapter_features(config: dict, vae_factor: int) -> list[tuple[int, int]] | None:
+    """A T2I-Adapter's features as (channels, level): level k is the latent size halved k times. ``full_adapter``
+    unshuffles by ``downscale_factor`` and halves after its first block; ``full_adapter_xl`` halves once, before
+    its third. None for a type not worked out here (the UNet's trace checks it)."""
+    channels = list(config.get("channels", (320, 640, 1280, 1280)))
+    kind = config.get("adapter_type", "full_adapter")
+    ratio = config.get("downscale_factor", 16 if kind == "full_adapter_xl" else 8) / vae_factor
+    base = int(math.log2(ratio)) if ratio >= 1 and float(ratio).is_integer() else -1
+    if kind == "full_adapter":
+        return [(c, base + k) for k, c in enumerate(channels)]
+    if kind == "full_adapter_xl":
+        return [(c, base + (k >= 2)) for k, c in enumerate(channels)]
+    return None
+
+
+def unet_adapter_slots(unet_config: dict) -> list[tuple[int, int]]:
+    """Where diffusers' UNet adds a T2I-Adapter's features, as (channels, level): in each down block (a
+    cross-attention block before its downsampler, a plain one after it), then in the mid block (where the shape
+    agrees)."""
+    blocks, types = unet_config["block_out_channels"], unet_config["down_block_types"]
+    n = len(blocks)
+    slots = [(c, i if "CrossAttn" in t or i == n - 1 else i + 1) for i, (c, t) in enumerate(zip(blocks, types))]
+    return slots + [(blocks[-1], n - 1)]
+
+
+def _fit_shape(shape: tuple, ratio: int, multiple: int) -> tuple:
+    """(batch, latent_h, latent_w, chunks) with each latent side made a multiple of ``ratio`` and, where it was
+    not a multiple of the UNet's downsampling ``multiple``, kept off one if ``ratio`` allows (exporter._shapes:
+    the graph must learn the upsampling to the skip connection's size)."""
+    def side(v: int) -> int:
+        up = -(-v // ratio) * ratio
+        return up + ratio if v % multiple and up % multiple == 0 and ratio < multiple else up
+
+    return shape if ratio == 1 else (shape[0], side(shape[1]), side(shape[2]), shape[3])
+
+
+def _features_read(unet_config: dict, adapter_config, vae_factor: int) -> int:
+    """How many of a T2I-Adapter's features the UNet adds: one per down block, and the next in the mid block
+    where its shape agrees (SDXL's adapters)."""
+    count, blocks = len(adapter_config.channels), len(unet_config["block_out_channels"])
+    features = adapter_features(dict(adapter_config), vae_factor)
+    if count <= blocks:
+        return count
+    mid_fits = features is None or features[blocks] == unet_adapter_slots(unet_config)[blocks]
+    return blocks + 1 if mid_fits else blocks
 
 
 def _record(src: ControlSource, entry: dict, unet_config: dict) -> dict:
@@ -391,9 +438,8 @@ def _record(src: ControlSource, entry: dict, unet_config: dict) -> dict:
         record["global_pool_conditions"] = bool(cfg.get("global_pool_conditions", False))
         record["image_multiple"] = 2 ** (len(cfg.get("conditioning_embedding_out_channels") or (0,) * 4) - 1)
     else:
-        factor = int(cfg.get("downscale_factor", 8))
-        record["image_multiple"] = factor * 2 ** (len(cfg.get("channels", ())) - 1) if \
-            cfg.get("adapter_type", "full_adapter") == "full_adapter" else factor
+        # its pixel unshuffle needs whole blocks (diffusers' adapter pipelines round the size down to them)
+        record["image_multiple"] = int(cfg.get("downscale_factor", 8))
         record["adapter_type"] = cfg.get("adapter_type", "full_adapter")
     return record
 

@@ -221,3 +221,42 @@ def test_original_layout_file_is_told_by_its_keys_and_converted_offline(sd1_mode
     other = dict(unet_config, cross_attention_dim=64)
     with pytest.raises(UserError, match="cross_attention_dim=32; this model's UNet has 64"):
         inspect_control(controls["x8-file"], other, {"vae_scale_factor": 8})
+
+
+def test_sdxl_controlnet_and_adapter(tmp_path):
+    """SDXL: the ControlNet reads text_embeds and time_ids too; the adapter (full_adapter_xl: SDXL's first block adds
+    it after downsampling) feeds unet_adapter; graph + numpy scaling equals diffusers."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sdrt.export import export_model
+    from sdrt.runtime.control import residual_scales, scaled
+    from tools.make_models import make_controlnet, make_model, make_t2i_adapter
+
+    model = make_model("sdxl-tiny", tmp_path / "xl", seed=0)
+    cn, adapter = make_controlnet(model, tmp_path / "cn", seed=1), make_t2i_adapter(model, tmp_path / "ad", seed=2)
+    engine = tmp_path / "engine"
+    m = export_model(model, engine, progress=False, components="text_encoder,text_encoder_2,unet",
+                     controlnets=[f"{cn}:c", f"{adapter}:a"], log=lambda s: None)
+    comps = m["components"]
+    assert [i["name"] for i in comps["controlnet/c"]["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states", "controlnet_cond", "text_embeds", "time_ids"]
+    assert all(comps[c]["parity"]["rel_l2"] <= 1e-4 for c in ("controlnet/c", "controlnet/a", "unet_control",
+                                                                "unet_adapter"))
+    assert m["controlnets"]["a"]["image_multiple"] == 4 and m["controlnets"]["c"]["image_multiple"] == 2
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+    net = ControlNetModel.from_pretrained(cn).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 8, 12, generator=g), torch.tensor([500.0]), torch.randn(1, 77, 80, generator=g)
+    added = {"text_embeds": torch.randn(1, 24, generator=g), "time_ids": torch.tensor([[16.0, 24, 0, 0, 16, 24]])}
+    image = torch.rand(1, 3, 16, 24, generator=g)
+    with torch.no_grad():
+        down, mid = net(x, t, ctx, image, conditioning_scale=0.6, added_cond_kwargs=added, return_dict=False)
+        want = unet(x, t, ctx, added_cond_kwargs=added, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid).sample.numpy()
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": ctx.numpy(),
+             **{k: v.numpy() for k, v in added.items()}}
+    rec = m["controlnets"]["c"]
+    res = _ort(engine, comps["controlnet/c"], {**feeds, "controlnet_cond": image.numpy()})
+    res = scaled(res, rec["residuals"], residual_scales(len(rec["residuals"]), 0.6))
+    np.testing.assert_allclose(_ort(engine, comps["unet_control"], {**feeds, **res})["out_sample"], want,
+                               rtol=1e-4, atol=1e-4)
