@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,8 @@ def _inspect_original(path: Path, name: str, unet_config: dict, where: str) -> C
     of its config is the base UNet's (check_fits then compares the file's shapes with it)."""
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{where}: a single-file ControlNet must be a .safetensors file")
-    shapes = {k: SafetensorsFile(path).shape(k) for k in SafetensorsFile(path).keys()}
+    header = SafetensorsFile(path)
+    shapes = {k: header.shape(k) for k in header.keys()}
     prefix = ORIGINAL_PREFIX if ORIGINAL_PREFIX + HINT_KEY in shapes else ""
     if prefix + HINT_KEY not in shapes or prefix + "zero_convs.0.0.weight" not in shapes:
         sample = ", ".join(sorted(shapes)[:3])
@@ -204,15 +206,11 @@ def load_control(source: ControlSource, allow_pickle: bool):
     where = f"--controlnet {str(source.path)!r}"
     try:
         if source.format == "original":
-            configs = source.path.with_name(f".{source.path.name}.config-{os.getpid()}")
-            configs.mkdir(exist_ok=True)
-            try:
+            with tempfile.TemporaryDirectory(prefix="sdrt-controlnet-") as configs:
                 config = {k: v for k, v in source.config.items() if not k.startswith("_file")}
-                (configs / "config.json").write_text(json.dumps(config))
-                model = ControlNetModel.from_single_file(str(source.path), config=str(configs), local_files_only=True,
+                (Path(configs) / "config.json").write_text(json.dumps(config))
+                model = ControlNetModel.from_single_file(str(source.path), config=configs, local_files_only=True,
                                                          torch_dtype=torch.float32)
-            finally:
-                shutil.rmtree(configs, ignore_errors=True)
         else:
             cls = ControlNetModel if source.kind == CONTROLNET else T2IAdapter
             model = cls.from_pretrained(source.path, use_safetensors=None if allow_pickle else True,

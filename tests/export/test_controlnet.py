@@ -83,6 +83,15 @@ def test_export_writes_each_graph_checked_and_recorded(cn_engine):
     Manifest.load(cn_engine, verify="sha256")  # every recorded sha256 and size holds
 
 
+def test_the_plain_pipeline_still_runs_such_an_engine(cn_engine):
+    """The new components and section are beside the old ones: the pipeline, which does not use them yet, loads
+    and runs the engine as before."""
+    from sdrt.runtime import Pipeline
+
+    result = Pipeline(cn_engine).generate("a red square", steps=2, seed=1, height=16, width=16)
+    assert result.images[0].shape == (16, 16, 3)
+
+
 def test_residual_unet_shares_the_unet_weights_under_their_names(cn_engine):
     """No weight of its own: every external initializer is one of the UNet graph's, same name, same bytes."""
     import onnx
