@@ -330,7 +330,8 @@ def make_controlnet(base: str | os.PathLike, out_dir: str | os.PathLike, seed: i
     levels = len(vae.get("block_out_channels", (0,) * 4))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding or (16, 32, 96, 256)[:levels])
+    channels = embedding or (16, 32, 96, 256)[:levels]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     return _save_beside(_perturbed(controlnet, seed), out_dir)
 
 

@@ -332,7 +332,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
 def _control_sources(args: Sequence, ckpt, allow_pickle: bool) -> list:
     """The ``--controlnet`` arguments inspected against the checkpoint (sdrt.export.controlnet.inspect_control);
     a name given twice is refused."""
-    from sdrt.export.controlnet import inspect_control
+    from sdrt.export.control_sources import inspect_control
 
     factor = 2 ** (len(ckpt.vae_config.get("block_out_channels", [64])) - 1)
     sources = [inspect_control(a, ckpt.unet_config, {"vae_scale_factor": factor}, allow_pickle) for a in args]

@@ -77,7 +77,8 @@ def controlnet_record(manifest: Mapping, name: str) -> dict:
     line listing the engine's."""
     known = manifest.get(CONTROLNETS) or {}
     if name not in known:
-        have = ", ".join(sorted(known)) or "none (add one with `sdrt export MODEL_DIR ENGINE_DIR --add --controlnet DIR`)"
+        have = ", ".join(sorted(known)) or \
+            "none (add one with `sdrt export MODEL_DIR ENGINE_DIR --add --controlnet DIR`)"
         raise UserError(f"controlnet {name!r} is not in this engine; it has: {have}")
     return known[name]
 
@@ -169,7 +170,8 @@ def prepare_control_image(source, height: int, width: int, vae_scale_factor: int
     image = source if isinstance(source, Image.Image) else open_image(source, "control image")[0]
     height, width = (int(v) - int(v) % vae_scale_factor for v in (height, width))
     if height <= 0 or width <= 0:
-        raise UserError(f"control image size {width}x{height}: must be at least the VAE scale factor {vae_scale_factor}")
+        raise UserError(f"control image size {width}x{height}: must be at least the VAE scale factor "
+                        f"{vae_scale_factor}")
     image = image.resize((width, height), resample=Image.Resampling.LANCZOS).convert("RGB")
     pixels = np.asarray(image).astype(np.float32) / 255.0
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
@@ -243,7 +245,8 @@ def _hysteresis(candidate: np.ndarray, strong: np.ndarray) -> np.ndarray:
     edges = strong
     while True:
         # a 3x3 maximum filter on 0/255 pixels: PIL does it in C, where a numpy loop would take 9 passes a round
-        grown = np.asarray(Image.fromarray(np.where(edges, np.uint8(255), np.uint8(0))).filter(ImageFilter.MaxFilter(3)))
+        pixels = Image.fromarray(np.where(edges, np.uint8(255), np.uint8(0)))
+        grown = np.asarray(pixels.filter(ImageFilter.MaxFilter(3)))
         grown = (grown > 0) & candidate
         if np.array_equal(grown, edges):
             return edges

@@ -216,7 +216,7 @@ def test_original_layout_file_is_told_by_its_keys_and_converted_offline(sd1_mode
     from diffusers import ControlNetModel
 
     from sdrt.errors import UserError
-    from sdrt.export.controlnet import inspect_control, load_control
+    from sdrt.export.control_sources import inspect_control, load_control
 
     unet_config = json.loads((sd1_model / "unet" / "config.json").read_text())
     src = inspect_control(controls["x8-file"], unet_config, {"vae_scale_factor": 8})
