@@ -87,7 +87,7 @@ def check_fits(name: str, record: Mapping, unet_entry: Mapping) -> None:
     """A ControlNet/T2I-Adapter made for this UNet: its recorded base equals the UNet graph's, and its outputs are
     the graph's extra inputs with the same shapes (one line naming the first difference)."""
     base, want = record.get("base") or {}, unet_entry.get("base") or {}
-    for key in sorted(set(base) | set(want)):
+    for key in [*FIT_KEYS, *sorted((set(base) | set(want)) - set(FIT_KEYS))]:
         if base.get(key) != want.get(key):
             raise UserError(f"controlnet {name!r} was made for a model with {key}={base.get(key)!r}; this engine's "
                             f"UNet has {key}={want.get(key)!r}")
