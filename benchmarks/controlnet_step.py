@@ -44,7 +44,7 @@ def main() -> int:
         make_model("sd15", model)
     net = work / "controlnet"
     if not net.exists():
-        make_controlnet(model, net, embedding_channels=(16, 32, 96, 256))
+        make_controlnet(model, net)
     engine = work / "engine"
     if not engine.exists():
         subprocess.run([sys.executable, "-m", "sdrt", "export", str(model), str(engine), "--components", "unet",

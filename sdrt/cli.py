@@ -34,7 +34,7 @@ def _cmd_export(args) -> int:
     export_model(args.model_dir, args.engine_dir, force=args.force, opset=args.opset,
                  components=args.components, allow_pickle=args.allow_pickle, progress=not args.quiet,
                  loras=args.lora, vae=args.vae, prediction_type=args.prediction_type, config_dir=args.config,
-                 cache_branch=args.cache_branch, tiny_vae=args.tiny_vae, controlnets=args.controlnet)
+                 cache_branch=args.cache_branch, tiny_vae=args.tiny_vae, controlnets=args.controlnet, add=args.add)
     print(args.engine_dir)
     return 0
 
@@ -82,10 +82,18 @@ def _add_export(sub) -> None:
     p.add_argument("--tiny-vae", default=None, metavar="DIR",
                    help="an AutoencoderTiny folder (TAESD architecture, diffusers layout) whose decoder is exported "
                         "beside the full one as vae_decoder_tiny (`--vae tiny` and previews at run time)")
-    p.add_argument("--controlnet", action="append", default=[], metavar="DIR[:NAME]",
-                   help="a diffusers ControlNetModel folder, exported as its own graph controlnet_NAME (default NAME: "
-                        "the folder's) beside unet_control, the UNet taking ControlNet residuals; repeatable. Used "
-                        "at run time with `sdrt generate --control NAME:IMAGE`")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH[:NAME]",
+                   help="also export a ControlNet (a diffusers ControlNetModel folder, or an original-layout "
+                        "control_*.safetensors file converted offline) or a T2I-Adapter (a diffusers T2IAdapter "
+                        "folder) as its own graph controlnet/NAME, and the UNet graph that takes its residuals "
+                        "(unet_control, or unet_adapter for an adapter) over the UNet's weights file; repeatable. "
+                        "NAME defaults to the folder's or file's name (without control_ and .safetensors). One "
+                        "made for another model (its UNet's widths, blocks or context) is refused")
+    p.add_argument("--add", action="store_true",
+                   help="add the --controlnet models to the existing ENGINE_DIR (exported from MODEL_DIR) and "
+                        "re-export nothing else: only controlnet/NAME, the residual UNet graph if ENGINE_DIR lacks "
+                        "it, and the manifest (written beside, renamed into place) change. With --force, a "
+                        "ControlNet of the same name is replaced")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 

@@ -17,12 +17,17 @@ Real diffusers/transformers classes, the real CLIP vocabulary (tools/clip_vocab.
 * ``sd1-inpaint-tiny`` / ``sdxl-inpaint-tiny``: the sd1-tiny / sdxl-tiny architectures with a 9-channel
   inpainting UNet (latents, mask, masked-image latents), saved as StableDiffusion(XL)InpaintPipeline.
 * ``sd15``: the full-size SD1.5 architecture (860M-parameter UNet) for benchmarks; never in tests.
+* ``controlnet`` / ``t2i-adapter`` (with ``--base MODEL_DIR``): a random ControlNet (``ControlNetModel.from_unet``
+  of the base's UNet, so it fits it; a conditioning embedding that downsamples the control image by the base's
+  VAE scale factor unless ``embedding`` says otherwise) or T2I-Adapter (``full_adapter``, one feature per UNet
+  down block at that block's width), saved as a diffusers model folder.
 * ``sdxl``: the full-size SDXL base 1.0 architecture (2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG text
   encoders, the SDXL VAE), its configs as stabilityai/stable-diffusion-xl-base-1.0 ships them, for benchmarks;
   never in tests (``sd15-inpaint``: its 9-channel inpainting form). Weights are saved in shards of at most 2 GB, so neither writing nor loading holds a whole
   component's file in memory twice.
 
     python -m tools.make_models sd1-tiny OUT_DIR [--seed N]
+    python -m tools.make_models controlnet OUT_DIR --base MODEL_DIR [--seed N]
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from tools.clip_vocab import EOS, write_clip_tokenizer
 
 KINDS = ("sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-refiner-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny",
          "lcm-tiny", "sd1-inpaint-tiny", "sdxl-inpaint-tiny", "sd15", "sd15-inpaint", "sdxl")
-BENCHMARK_KINDS = ("sd15", "sd15-inpaint", "sdxl")
+CONTROL_KINDS = ("controlnet", "t2i-adapter")  # made for a base checkpoint (--base)
+BENCHMARK_KINDS = ("sd15", "sd15-inpaint", "sdxl")  # full-size architectures: left at their random init, saved in shards
 # inpainting UNets read the latents, the mask and the masked image's latents: 2 x latent channels + 1
-INPAINT_KINDS = {"sd1-inpaint-tiny": "sd1-tiny", "sdxl-inpaint-tiny": "sdxl-tiny", "sd15-inpaint": "sd15"}  # full-size architectures: left at their random init, saved in shards
+INPAINT_KINDS = {"sd1-inpaint-tiny": "sd1-tiny", "sdxl-inpaint-tiny": "sdxl-tiny", "sd15-inpaint": "sd15"}
 
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -296,38 +302,83 @@ def make_model(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_controlnet(model_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
-                    embedding_channels: tuple[int, ...] = (8, 16)) -> Path:
-    """A ControlNetModel for the checkpoint at ``model_dir`` (``ControlNetModel.from_unet``: its encoder a copy of
-    the UNet's), every weight perturbed (the zero convolutions too, so that its residuals are not zero), its
-    conditioning embedding of ``embedding_channels`` (small by default; (16, 32, 96, 256) is SD1.5's); written
-    beside ``out_dir`` and renamed into place."""
+def _perturbed(module, seed: int, spread: float = 0.02):
+    """``module`` with every parameter moved a little (zero-initialised convolutions too), so every path carries
+    signal and parity checks measure something."""
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
 
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * spread)
+    return module.eval()
+
+
+def _save_beside(module, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    net.save_pretrained(tmp, safe_serialization=True)
+    module.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
 
 
+def make_controlnet(base: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+                    embedding: tuple[int, ...] | None = None) -> Path:
+    """A random ControlNet for the checkpoint at ``base`` (``ControlNetModel.from_unet`` of its UNet, weights
+    copied then perturbed). ``embedding``: the conditioning embedding's channels; by default as many levels as
+    downsample the control image by the base's VAE scale factor (16, 32, 96, 256 for a factor of 8, as
+    released ControlNets)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    base = Path(base)
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    levels = len(vae.get("block_out_channels", (0,) * 4))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    channels = embedding or (16, 32, 96, 256)[:levels]
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    # 0.05: enough that its residuals change the tiny models' pictures clearly (tests tell them from the plain path)
+    return _save_beside(_perturbed(controlnet, seed, 0.05), out_dir)
+
+
+def make_t2i_adapter(base: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A random T2I-Adapter for the checkpoint at ``base``, one feature per UNet down block at that block's width
+    and where diffusers adds it: ``full_adapter`` (unshuffle by the VAE factor, then halving) for a UNet whose
+    first block has cross-attention (SD1/SD2), else ``full_adapter_xl`` (unshuffle by twice the factor: SDXL's
+    first block adds it after downsampling)."""
+    import torch
+    from diffusers import T2IAdapter
+
+    base = Path(base)
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    torch.manual_seed(seed)
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    xl = "CrossAttn" not in unet["down_block_types"][0]
+    adapter = T2IAdapter(in_channels=vae.get("in_channels", 3), channels=list(unet["block_out_channels"]),
+                         num_res_blocks=1, downscale_factor=factor * 2 if xl else factor,
+                         adapter_type="full_adapter_xl" if xl else "full_adapter")
+    return _save_beside(_perturbed(adapter, seed), out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=KINDS)
+    ap.add_argument("kind", choices=KINDS + CONTROL_KINDS)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default=None, help="controlnet, t2i-adapter: the checkpoint folder it is made for")
     args = ap.parse_args(argv)
-    path = make_model(args.kind, args.out_dir, args.seed)
+    if args.kind in CONTROL_KINDS:
+        if args.base is None:
+            ap.error(f"{args.kind} needs --base MODEL_DIR")
+        make = make_controlnet if args.kind == "controlnet" else make_t2i_adapter
+        path = make(args.base, args.out_dir, args.seed)
+    else:
+        path = make_model(args.kind, args.out_dir, args.seed)
     print(path)
     return 0
 

@@ -166,6 +166,47 @@ def to_single_file(model_dir: str | Path, out: str | Path, vae: bool = True, vae
     return out
 
 
+def controlnet_to_ldm(sd: dict, config: dict) -> dict:
+    """diffusers ControlNetModel state dict -> the original ControlNet's keys (without ``control_model.``):
+    the UNet encoder's LDM names, ``input_hint_block.{0,2,...}`` (the conditioning embedding's convolutions),
+    ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    hint = [k for k in sd if k.startswith("controlnet_cond_embedding.blocks.")]
+    blocks = len({k.split(".")[2] for k in hint})
+    out, unet = {}, {}
+    for key, value in sd.items():
+        if key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            part, _, tail = rest.partition(".")
+            if part == "blocks":
+                index, _, tail = tail.partition(".")
+                out[f"input_hint_block.{2 * int(index) + 2}.{tail}"] = value
+            else:
+                out[f"input_hint_block.{0 if part == 'conv_in' else 2 * blocks + 2}.{tail}"] = value
+        elif key.startswith("controlnet_down_blocks."):
+            index, _, tail = key[len("controlnet_down_blocks."):].partition(".")
+            out[f"zero_convs.{index}.0.{tail}"] = value
+        elif key.startswith("controlnet_mid_block."):
+            out[f"middle_block_out.0.{key[len('controlnet_mid_block.'):]}"] = value
+        else:
+            unet[key] = value
+    # the encoder half of the UNet's table (up blocks named as a UNet of the same depth would have them)
+    out.update(unet_to_ldm(unet, {**config, "up_block_types": ["UpBlock2D"] * len(config["block_out_channels"])}))
+    return out
+
+
+def controlnet_to_single_file(folder: str | Path, out: str | Path) -> Path:
+    """Write a diffusers ControlNetModel folder as one original-layout ``.safetensors`` (``control_model.*`` keys,
+    as the ``control_*.safetensors`` files of the ControlNet web UI extension)."""
+    from safetensors.torch import save_file
+
+    folder, out = Path(folder), Path(out)
+    config = json.loads((folder / "config.json").read_text())
+    tensors = {f"control_model.{k}": v.contiguous() for k, v in controlnet_to_ldm(_load(folder), config).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir")

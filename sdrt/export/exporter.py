@@ -121,7 +121,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                  loras: Sequence = (), vae: str | os.PathLike | None = None, prediction_type: str | None = None,
                  config_dir: str | os.PathLike | None = None,
                  cache_branch: int | None = None, tiny_vae: str | os.PathLike | None = None,
-                 controlnets: Sequence[str] = (), log: Callable[[str], None] | None = None) -> dict:
+                 controlnets: Sequence = (), add: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict:
     """Export the checkpoint at ``model_dir`` into ``engine_dir``; returns the manifest.
 
     ``model_dir`` is a diffusers folder or a single ``.safetensors`` file in the original layout
@@ -136,12 +137,14 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     ``model.onnx``, over the same weights file): the UNet with fused attention, the VAE with GroupNorm as
     LayerNormalization (opset 17 or newer).
 
-    ``controlnets``: ControlNetModel folders, each ``"DIR[:NAME]"``, written as ``controlnet_NAME`` beside the
-    UNet that takes their residuals (``unet_control``; sdrt.export.controlnet), each checked against PyTorch.
-
     ``cache_branch``: also write the UNet as the pair feature caching runs (``unet_deep``, ``unet_shallow``;
     sdrt.export.feature_cache), cut at that branch. ``tiny_vae``: an AutoencoderTiny folder (diffusers layout)
     whose decoder is written beside the full one (``vae_decoder_tiny``).
+
+    ``controlnets``: ControlNets and T2I-Adapters, each ``"PATH[:NAME]"`` or ``(path, name)``
+    (sdrt.export.controlnet): each is written as its own graph ``controlnet/NAME``, with the UNet graph that takes
+    its outputs (``unet_control`` or ``unet_adapter``, over the UNet's weights file). With ``add``, they are added
+    to the existing ``engine_dir`` (exported from ``model_dir``) and nothing else is exported (add_controls).
 
     Everything is written into a hidden directory beside ``engine_dir`` and renamed into place at the end,
     so an export that fails or is killed leaves no half-written engine directory.
@@ -150,6 +153,17 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     from sdrt.export.single_file import convert_single_file, inspect_single_file
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if add:
+        refused = [flag for flag, value in (("--components", components), ("--lora", loras), ("--vae", vae),
+                                            ("--prediction-type", prediction_type), ("--config", config_dir),
+                                            ("--cache-branch", cache_branch), ("--tiny-vae", tiny_vae)) if value]
+        if refused:
+            raise UserError(f"--add exports only --controlnet models; {', '.join(refused)} would re-export the model "
+                            "(export it anew without --add)")
+        from sdrt.export.controlnet import add_controls
+
+        return add_controls(model_dir, engine_dir, controlnets, force=force, opset=opset, allow_pickle=allow_pickle,
+                            cpu_variants=cpu_variants, log=log)
     parse_components(components)  # a name no checkpoint has is refused before the checkpoint is read
     if not 14 <= opset <= 20:
         raise UserError(f"--opset {opset}: choose an opset from 14 to 20 (attention needs 14 or newer)")
@@ -170,6 +184,8 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     else:  # SD1.x or SD2.x: one text encoder; SDXL: two
         available = [c for c in COMPONENTS if c != "text_encoder_2" or single.family == "sdxl"]
     comps = parse_components(components, available)
+    if controlnets and "unet" not in comps:
+        raise UserError("--controlnet: export the unet too (its ControlNet graph runs over the UNet's weights)")
     if cache_branch is not None and ("unet" not in comps or isinstance(cache_branch, bool)
                                      or not isinstance(cache_branch, int) or cache_branch < 0):
         raise UserError(f"--cache-branch {cache_branch!r}: must be an integer >= 0, and the UNet must be exported")
@@ -186,7 +202,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             raise UserError(f"--cache-branch {cache_branch}: this UNet has branches 0 to {count - 1}")
     if tiny_vae is not None:
         _check_tiny_vae(tiny_vae, ckpt.vae_config)
-    control_specs = _controlnet_specs(controlnets, ckpt.unet_config if single is None else None, comps)
+    controls = [] if single is not None or not controlnets else _control_sources(controlnets, ckpt, allow_pickle)
 
     import torch
 
@@ -207,6 +223,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             single_record = convert_single_file(single, converted, vae=vae, prediction_type=prediction_type,
                                                 config_dir=config_dir, log=log)
             ckpt = Checkpoint.open(converted)
+            controls = _control_sources(controlnets, ckpt, allow_pickle)
         toks = {name: export_tokenizer(ckpt.path, tmp / name, name) for _, name in ckpt.text_encoders}
         numbers = ckpt.model_numbers(toks)
         (tmp / "scheduler").mkdir()
@@ -255,10 +272,6 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 _set_postfix(bar, "unet", f"feature-cache pair at branch {cache_branch}")
                 pair = _export_feature_cache(spec, loaded["unet"], cache_branch, trace_inputs, check_inputs, tmp,
                                              opset, cpu_variants, log)
-            if comp == "unet" and control_specs:
-                _set_postfix(bar, "unet", f"{len(control_specs)} ControlNet(s) and the UNet taking their residuals")
-                pair.update(_export_controlnets(spec, loaded["unet"], control_specs, trace_inputs, check_inputs,
-                                                numbers, tmp, opset, cpu_variants, log))
             del module, trace_inputs
             if source not in (SOURCES[c] for c in comps[i + 1:]):
                 # PyTorch's outputs are in hand: free its weights before ONNX Runtime loads the graph's, so
@@ -276,6 +289,18 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
                 entries.update(_export_tiny_vae(tiny_vae, spec, numbers, trace_shape, check_shape, vocab, tmp,
                                                 opset, allow_pickle, log))
         loaded.clear()
+        records = {}
+        if controls:
+            from sdrt.export.controlnet import export_controls
+
+            _release_memory()
+            done = export_controls(controls, stage=tmp, engine=tmp, ckpt=ckpt, numbers=numbers, unet_spec=specs["unet"],
+                                   present=(), lora_files=lora_files, opset=opset, cpu_variants=cpu_variants,
+                                   allow_pickle=allow_pickle, log=log)
+            for part, final in done.renames:
+                os.replace(part, final)
+            entries.update(done.components)
+            records = done.records
         source = {"path": str(model_path if single is not None else ckpt.path.resolve()),
                   "pipeline_class": ckpt.model_index.get("_class_name"),
                   "config_sha256": ckpt.config_sha256(), "loras": _lora_records(lora_files)}
@@ -290,11 +315,10 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             from sdrt.export.feature_cache import DEEP, FEATURE, SHALLOW
 
             manifest["feature_cache"] = {"branch": cache_branch, "deep": DEEP, "shallow": SHALLOW, "feature": FEATURE}
-        if control_specs:
-            from sdrt.export.controlnet import PREFIX, UNET_CONTROL
+        if records:
+            from sdrt.runtime.control import CONTROLNETS
 
-            manifest["controlnets"] = {"unet": UNET_CONTROL,
-                                       "models": {name: PREFIX + name for _, name, _ in control_specs}}
+            manifest[CONTROLNETS] = records
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         _replace_dir(tmp, engine_dir)
     except BaseException:
@@ -303,6 +327,20 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     finally:
         shutil.rmtree(converted, ignore_errors=True)
     return manifest
+
+
+def _control_sources(args: Sequence, ckpt, allow_pickle: bool) -> list:
+    """The ``--controlnet`` arguments inspected against the checkpoint (sdrt.export.controlnet.inspect_control);
+    a name given twice is refused."""
+    from sdrt.export.control_sources import inspect_control
+
+    factor = 2 ** (len(ckpt.vae_config.get("block_out_channels", [64])) - 1)
+    sources = [inspect_control(a, ckpt.unet_config, {"vae_scale_factor": factor}, allow_pickle) for a in args]
+    names = [s.name for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--controlnet name {twice[0]!r} is given twice; name them apart with PATH:NAME")
+    return sources
 
 
 def _checked_variants(comp: str, variants: dict, data_file: str | None, expected, check_inputs, outputs) -> dict:
@@ -315,8 +353,8 @@ def _checked_variants(comp: str, variants: dict, data_file: str | None, expected
 
 
 def _entry(comp: str, spec, graph: Path, data_file: str | None, parity: dict, variants: dict, t0: float,
-           log: Callable[[str], None], **extra) -> dict:
-    """A component's manifest entry (files, sha256, IO, parity, variants), logged as one line per graph."""
+           log: Callable[[str], None] | None, **extra) -> dict:
+    """A component's manifest entry (files, sha256, IO, parity, variants), logged (unless ``log`` is None)."""
     files = [graph] + ([graph.parent / data_file] if data_file else [])
     digest, size = sha256_files(files)
     entry = {
@@ -327,12 +365,19 @@ def _entry(comp: str, spec, graph: Path, data_file: str | None, parity: dict, va
     }
     if variants:
         entry["variants"] = variants
+    if log is not None:
+        log_entry(comp, entry, log)
+    return entry
+
+
+def log_entry(comp: str, entry: dict, log: Callable[[str], None]) -> None:
+    """A component's export as one line per graph: parity, size, time; each variant's parity and file."""
+    parity = entry["parity"]
     log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
-        f"{size / 1e6:9.1f} MB  {entry['export_s']:.1f} s")
-    for name, v in variants.items():
+        f"{entry['size_bytes'] / 1e6:9.1f} MB  {entry['export_s']:.1f} s")
+    for name, v in entry.get("variants", {}).items():
         log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
             f"({name} variant: {v['file']})")
-    return entry
 
 
 def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inputs, out: Path, opset: int,
@@ -373,97 +418,6 @@ def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inpu
             parity = compare(comp, graph, expected, check, names)
             variants = _checked_variants(comp, variants, data_file, expected, check, names)
             entries[comp] = _entry(comp, spec, graph, data_file, parity, variants, t0, log, branch=branch)
-    return entries
-
-
-def _controlnet_specs(controlnets: Sequence[str], unet_config: dict | None, comps) -> list[tuple[Path, str, dict]]:
-    """(folder, name, config) of each ``--controlnet DIR[:NAME]``, checked against the UNet it will steer."""
-    if not controlnets:
-        return []
-    from sdrt.export.checkpoint import check_weights
-    from sdrt.export.controlnet import check_fits, parse_spec
-
-    if "unet" not in comps:
-        raise UserError("--controlnet: export the UNet too (the ControlNets' residuals go into it)")
-    if unet_config is None:
-        raise UserError("--controlnet: export the model's diffusers folder (single files take no ControlNets yet)")
-    out, names = [], set()
-    for text in controlnets:
-        folder, name = parse_spec(text)
-        if name in names:
-            raise UserError(f"--controlnet {text!r}: the name {name!r} is given twice; name them DIR:NAME")
-        names.add(name)
-        config = json.loads((folder / "config.json").read_text())
-        check_fits(name, config, unet_config)
-        check_weights(folder, allow_pickle=False)
-        out.append((folder, name, config))
-    return out
-
-
-def _export_controlnets(unet_spec, unet, control_specs, trace_inputs, check_inputs, numbers: dict, out: Path,
-                        opset: int, cpu_variants: bool, log: Callable[[str], None]) -> dict:
-    """``controlnet_NAME`` for each ControlNet and ``unet_control``, each checked against PyTorch on the UNet's
-    check inputs and a control image of their size."""
-    import torch
-    from diffusers import ControlNetModel
-
-    from sdrt.export.controlnet import PREFIX, UNET_CONTROL, ControlledUNetGraph, ControlNetGraph, residual_specs
-    from sdrt.export.graphs import GraphSpec, export_graph
-    from sdrt.export.parity import compare, torch_outputs
-    from sdrt.export.rewrites import split_geglu
-
-    f = numbers["vae_scale_factor"]
-
-    def with_image(inputs: dict, seed: int) -> dict:
-        sample = inputs["sample"]
-        g = torch.Generator().manual_seed(seed)
-        image = torch.rand((sample.shape[0], numbers["image_channels"], sample.shape[2] * f, sample.shape[3] * f),
-                           generator=g)
-        return {"sample": sample, "timestep": inputs["timestep"],
-                "encoder_hidden_states": inputs["encoder_hidden_states"], "controlnet_cond": image}
-
-    base_inputs = unet_spec.inputs[:3]
-    image_input = ("controlnet_cond", "float32", ("batch", numbers["image_channels"], "height", "width"))
-    entries, residuals = {}, None
-    for folder, name, _ in control_specs:
-        t0 = time.perf_counter()
-        model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
-        graph_module = ControlNetGraph(model).eval()
-        trace, check = with_image(trace_inputs, 0), with_image(check_inputs, 1)
-        outputs = residual_specs(graph_module, tuple(trace.values()))
-        if residuals is not None and [o[2][1] for o in outputs] != [r[2][1] for r in residuals]:
-            raise UserError(f"controlnet {name!r}: its residuals' channels differ from the other ControlNets'")
-        residuals = residuals or outputs
-        comp = PREFIX + name
-        spec = GraphSpec(comp, lambda m, g=graph_module: g, base_inputs + (image_input,), tuple(outputs))
-        expected = torch_outputs(graph_module, check)
-        graph, data_file = export_graph(spec, graph_module, trace, out / comp, opset)
-        parity = compare(comp, graph, expected, check, [o[0] for o in outputs])
-        entries[comp] = _entry(comp, spec, graph, data_file, parity, {}, t0, log,
-                               controlnet={"name": name, "source": str(folder.resolve()),
-                                           "config_sha256": sha256_files([folder / "config.json"])[0]})
-        with torch.no_grad():
-            trace_res = graph_module(*trace.values())
-            check_res = graph_module(*check.values())
-        del model, graph_module
-    t0 = time.perf_counter()
-    extra = tuple(n for n, _, _ in unet_spec.inputs[3:])
-    module = ControlledUNetGraph(unet, extra, len(residuals) - 1).eval()
-    spec = GraphSpec(UNET_CONTROL, lambda m, g=module: g, unet_spec.inputs + tuple(residuals), unet_spec.outputs)
-    names = [r[0] for r in residuals]
-    trace = {**trace_inputs, **dict(zip(names, trace_res))}
-    check = {**check_inputs, **dict(zip(names, check_res))}
-    expected = torch_outputs(module, check)
-    outputs = [n for n, _, _ in unet_spec.outputs]
-    with split_geglu(unet):   # as the plain UNet: its CPU variant with fused attention beside the portable graph
-        if cpu_variants:
-            graph, data_file, variants = _export_unet_variants(spec, module, unet, trace, out / UNET_CONTROL, opset)
-        else:
-            (graph, data_file), variants = export_graph(spec, module, trace, out / UNET_CONTROL, opset,
-                                                        external=True), {}
-    parity = compare(UNET_CONTROL, graph, expected, check, outputs)
-    variants = _checked_variants(UNET_CONTROL, variants, data_file, expected, check, outputs)
-    entries[UNET_CONTROL] = _entry(UNET_CONTROL, spec, graph, data_file, parity, variants, t0, log)
     return entries
 
 
@@ -628,13 +582,21 @@ def _process_exists(pid: int) -> bool:
 
 def _remove_stale_temporaries(engine_dir: Path, log: Callable[[str], None]) -> None:
     """Remove what exports into ``engine_dir`` left when they were killed outright (SIGKILL, a crash, power):
-    ``.NAME.tmp-PID`` and, when ``engine_dir`` itself is in place, ``.NAME.old-PID``. The PID says whose: a
-    folder whose process still runs (a concurrent export) is left alone."""
+    ``.NAME.tmp-PID``, ``.NAME.add-PID`` (`--add`) and, when ``engine_dir`` itself is in place, ``.NAME.old-PID``
+    and `--add`'s hidden files in ``NAME/unet`` (``.STEM.part-PID``, ``.STEM.trace-PID``). The PID says whose: what
+    a process that still runs wrote (a concurrent export) is left alone."""
+    def stale(pid: str) -> bool:
+        return pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid))
+
     for path in engine_dir.parent.glob(f".{glob.escape(engine_dir.name)}.*-*"):
         kind, _, pid = path.name[len(engine_dir.name) + 2:].partition("-")
-        if (kind == "tmp" or (kind == "old" and engine_dir.is_dir())) and pid.isdigit() and path.is_dir() \
-                and int(pid) != os.getpid() and not _process_exists(int(pid)):
+        if (kind in ("tmp", "add") or (kind == "old" and engine_dir.is_dir())) and path.is_dir() and stale(pid):
             shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an export (process {pid}) that was killed")
+    for path in (engine_dir / "unet").glob(".*.*-*") if engine_dir.is_dir() else ():
+        kind, _, pid = path.name.rpartition(".")[2].partition("-")
+        if kind in ("part", "trace") and stale(pid):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             log(f"removed {path}, left by an export (process {pid}) that was killed")
 
 

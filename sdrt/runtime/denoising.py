@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from sdrt.runtime.control import CONTROLNET, UNET_CONTROL, keep, residual_scales
 from sdrt.runtime.families import check_finite
 
 if TYPE_CHECKING:
@@ -52,26 +53,27 @@ class Inpainting:
 
 @dataclass
 class Control:
-    """One ControlNet on a request, as diffusers' ControlNet pipelines apply it: ``image`` its conditioning picture
+    """One ControlNet or T2I-Adapter on a request, as diffusers' ControlNet and adapter pipelines apply it.
+
+    A ControlNet (``kind`` "controlnet") runs at every step in its window on ``image``, its conditioning picture
     [n, 3, H, W] in [0, 1] (the request's batch; doubled for guidance unless in guess mode), its residuals scaled
-    by ``scale`` while the step is within [``start``, ``end``] of the schedule (diffusers' ``controlnet_keep``)."""
+    by ``scale`` while the step is within [``start``, ``end``] of the schedule (diffusers' ``controlnet_keep``).
+    A T2I-Adapter (``kind`` "t2i_adapter") ran once before the loop: ``features`` (one image's), times ``scale``
+    at every step in the window. ``unet``: the UNet graph that takes what it computes."""
 
     component: str
-    image: np.ndarray
+    image: np.ndarray | None
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    kind: str = CONTROLNET
+    unet: str = UNET_CONTROL
+    global_pool: bool = False
+    features: dict[str, np.ndarray] | None = None
 
     def scale_at(self, i: int, total: int) -> float:
         """The conditioning scale at step ``i`` of ``total`` (0 outside the window)."""
-        keep = 1.0 - float(i / total < self.start or (i + 1) / total > self.end)
-        return self.scale * keep
-
-
-def guess_mode_scales(n: int, scale: float) -> np.ndarray:
-    """Guess mode's per-residual scales, 0.1 to 1.0 over the n down residuals and the mid one, times ``scale``
-    (diffusers: ``torch.logspace(-1, 0, n)`` in float32)."""
-    return (np.logspace(-1, 0, n).astype(np.float32) * np.float32(scale)).astype(np.float32)
+        return self.scale * keep(i, total, self.start, self.end)
 
 
 class Denoising:
@@ -152,64 +154,87 @@ class Denoising:
 
 
 def control_residuals(sessions: dict, loops: Sequence[Denoising], feeds: list[dict], limit: int | None
-                      ) -> list[list[np.ndarray] | None]:
-    """Each loop's summed ControlNet residuals for this step (None: no ControlNet acts on it now), each
-    ControlNet run once over every loop that uses it. ``feeds``: the loops' UNet inputs."""
+                      ) -> list[tuple[str, dict[str, np.ndarray]] | None]:
+    """Each loop's UNet graph and summed residuals (ControlNets) or features (T2I-Adapters) for this step, by the
+    graph's input names; None where nothing acts on it now. Each ControlNet runs once over every loop that uses
+    it. ``feeds``: the loops' UNet inputs."""
     calls: dict[str, list] = {}   # component -> [(loop index, control)]
+    sums: list[tuple[str, dict[str, np.ndarray]] | None] = [None] * len(loops)
+
+    def add(k: int, graph: str, values: dict[str, np.ndarray]) -> None:
+        had = sums[k]
+        sums[k] = (graph, values if had is None else {n: had[1][n] + v for n, v in values.items()})
+
     for k, loop in enumerate(loops):
         for control in loop.controls:
-            if control.scale_at(loop.completed, loop.total) != 0:   # a zero scale adds exact zeros: skipped
+            scale = control.scale_at(loop.completed, loop.total)
+            if scale == 0:   # a zero scale adds exact zeros: skipped
+                continue
+            if control.features is None:
                 calls.setdefault(control.component, []).append((k, control))
-    sums: list[list[np.ndarray] | None] = [None] * len(loops)
+                continue
+            rows = len(feeds[k]["sample"])   # the adapter's features, the same for every row
+            add(k, control.unet, {n: np.repeat(f * np.float32(scale), rows, axis=0).astype(np.float32, copy=False)
+                                  for n, f in control.features.items()})
     for component, uses in calls.items():
+        session = sessions[component]
+        wanted = [i.name for i in session.inputs]
+        channels = session.inputs[0].shape[1]   # the latents' (an inpainting UNet's sample has more)
         inputs = []
-        channels = sessions[component].inputs[0].shape[1]   # the latents' (an inpainting UNet's sample has more)
         for k, control in uses:
             loop, feed = loops[k], feeds[k]
             half = loop.guess_mode and loop.req.guided   # guess mode: the conditional half only
             rows = slice(len(feed["sample"]) // 2, None) if half else slice(None)
-            inputs.append({"sample": feed["sample"][rows, :channels], "timestep": feed["timestep"][rows],
-                           "encoder_hidden_states": feed["encoder_hidden_states"][rows],
-                           "controlnet_cond": control.image})
-        out = _run_batched(sessions[component], inputs, limit)
+            one = {"sample": feed["sample"][rows, :channels], "controlnet_cond": control.image}
+            one.update({n: feed[n][rows] for n in wanted if n not in one})   # timestep, text states, SDXL's
+            inputs.append(one)
+        out = _run_batched(session, inputs, limit)
         offsets = np.cumsum([f["sample"].shape[0] for f in inputs])[:-1]
         names = list(out)   # down_residual_0 .. n-1, mid_residual, in order
         parts = [np.split(out[name], offsets) for name in names]
         for j, (k, control) in enumerate(uses):
             loop = loops[k]
-            scale = control.scale_at(loop.completed, loop.total)
-            scales = guess_mode_scales(len(names), scale) if loop.guess_mode else [np.float32(scale)] * len(names)
+            scales = residual_scales(len(names), control.scale_at(loop.completed, loop.total), loop.guess_mode,
+                                     control.global_pool)
             residuals = [(p[j] * s).astype(np.float32, copy=False) for p, s in zip(parts, scales)]
             if loop.guess_mode and loop.req.guided:   # the unconditional half gets nothing added
                 residuals = [np.concatenate([np.zeros_like(r), r]) for r in residuals]
-            sums[k] = residuals if sums[k] is None else [a + b for a, b in zip(sums[k], residuals)]
+            add(k, control.unet, dict(zip(names, residuals)))
     return sums
 
 
 def evaluate_unet(sessions: dict, loops: Sequence[Denoising], feature_cache: dict | None = None,
-                  cache_interval: int | None = None, limit: int | None = None,
-                  control_unet: str | None = None) -> list[np.ndarray]:
+                  cache_interval: int | None = None, limit: int | None = None) -> list[np.ndarray]:
     """One UNet evaluation of each of ``loops``, batched; each loop's ``out_sample`` in order.
 
     Without feature caching, one call of ``sessions["unet"]`` over all loops. With it, the loops whose
     evaluation count is a multiple of ``cache_interval`` go through the deep UNet (each keeping its deep
     feature) and the others through the shallow UNet on their own cached feature: at most two calls.
     ``limit``: the most samples one call may take (a TensorRT plan's profile); larger batches are split.
-    ``control_unet``: the UNet taking ControlNet residuals: when a ControlNet acts on any loop this step, every
-    loop goes through it in one call, those without residuals adding zeros.
+    Loops with ControlNets or T2I-Adapters acting this step go through the UNet graph taking their residuals
+    (``unet_control`` / ``unet_adapter``), one call each; the loops with none join the first of those calls,
+    adding zeros (x + 0 is x: the same numbers as the plain UNet), so requests with and without ControlNets
+    share one UNet call.
     """
-    if control_unet is not None and any(loop.controls for loop in loops):
+    if any(loop.controls for loop in loops):
         feeds = [loop.unet_inputs() for loop in loops]
         residuals = control_residuals(sessions, loops, feeds, limit)
-        if any(r is not None for r in residuals):
-            shapes = next(r for r in residuals if r is not None)
-            for feed, r, loop in zip(feeds, residuals, loops):
-                rows = len(feed["sample"])
-                r = r if r is not None else [np.zeros((rows, *a.shape[1:]), np.float32) for a in shapes]
-                names = [i.name for i in sessions[control_unet].inputs][-len(r):]
-                feed.update(zip(names, r))
-            out = _run_batched(sessions[control_unet], feeds, limit)["out_sample"]
-            return np.split(out, np.cumsum([f["sample"].shape[0] for f in feeds])[:-1])
+        graphs = list(dict.fromkeys(r[0] for r in residuals if r is not None))
+        if graphs:
+            example = next(r[1] for r in residuals if r is not None and r[0] == graphs[0])
+            members: dict[str, list[int]] = {g: [] for g in graphs}
+            for k, r in enumerate(residuals):
+                if r is None:   # nothing acts on it now: zeros, in the first graph's call
+                    rows = len(feeds[k]["sample"])
+                    r = (graphs[0], {n: np.zeros((rows, *a.shape[1:]), np.float32) for n, a in example.items()})
+                feeds[k].update(r[1])
+                members[r[0]].append(k)
+            outs: dict[int, np.ndarray] = {}
+            for graph, ks in members.items():
+                out = _run_batched(sessions[graph], [feeds[k] for k in ks], limit)["out_sample"]
+                for k, part in zip(ks, np.split(out, np.cumsum([len(feeds[k]["sample"]) for k in ks])[:-1])):
+                    outs[k] = part
+            return [outs[k] for k in range(len(loops))]
     if feature_cache is None:
         groups = [("unet", list(loops), False)]
     else:

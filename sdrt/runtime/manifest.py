@@ -65,7 +65,14 @@ The manifest is plain JSON so that any tool can read it. Layout (format_version 
         "vae_decoder_tiny": {..., "scaling_factor": float, "shift_factor": float, "source": str}
                                                # `sdrt export --tiny-vae DIR`: an AutoencoderTiny's decoder; the
                                                # runtime decodes latents / scaling_factor + shift_factor (its own)
+        "controlnet/<NAME>": {...},            # `sdrt export --controlnet PATH:NAME`: a ControlNet (-> down_residual_i,
+                                               # mid_residual) or a T2I-Adapter (-> adapter_feature_i)
+        "unet_control": {..., "base": {...}},  # unet/control.onnx over unet/model.onnx.data: the UNet's inputs + a
+                                               # ControlNet's residuals -> out_sample
+        "unet_adapter": {..., "base": {...}}   # unet/adapter.onnx, the same with a T2I-Adapter's features
       },
+      "controlnets": {"<NAME>": {"kind", "component", "unet", "residuals", "outputs", "image_input",
+                                 "image_multiple", "source", "base", ...}},   # sdrt.runtime.control
       "feature_cache": {"branch": int, "deep": "unet_deep", "shallow": "unet_shallow",
                         "feature": "deep_feature"},   # present when the pair was exported
       "tools": {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "opset"},

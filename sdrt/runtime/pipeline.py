@@ -23,6 +23,7 @@ import numpy as np
 
 from sdrt.errors import SdrtWarning, UserError
 from sdrt.runtime.backends import Backend, get_backend
+from sdrt.runtime.control import CONTROL_IMAGE, CONTROLNET, CONTROLNETS, T2I_ADAPTER, check_fits
 from sdrt.runtime.denoising import Control, Denoising, Inpainting, Step, evaluate_unet, guidance_embedding, rescale_guided  # noqa: F401
 from sdrt.runtime.families import PromptEmbeddings, check_finite, family_of, text_inputs  # noqa: F401
 from sdrt.runtime.lora import check_components, load_loras, lora_initializers
@@ -114,11 +115,11 @@ class Pipeline:
             raise UserError(f"{sched_path}: unreadable scheduler config ({e})") from None
         self.sessions = {}
         self._encoder_lock = threading.Lock()
-        # ControlNets (`sdrt export --controlnet`): name -> component, and the UNet taking their residuals;
-        # loaded on the first request that uses them
-        controlnets = self.manifest.data.get("controlnets") or {}
-        self.controlnet_components: dict[str, str] = dict(controlnets.get("models", {}))
-        self.control_unet: str | None = controlnets.get("unet")
+        # ControlNets and T2I-Adapters (`sdrt export --controlnet`): their manifest records by name (component,
+        # kind, the UNet graph taking their residuals), each checked against that graph; loaded on first use
+        self.controlnets: dict[str, dict] = dict(self.manifest.data.get(CONTROLNETS) or {})
+        for name, record in self.controlnets.items():
+            check_fits(name, record, self.manifest.data["components"].get(record.get("unet"), {}))
         self.loras = load_loras(loras)
         check_components(self.loras, [c for c in LORA_COMPONENTS if self.manifest.has(c)], str(self.engine_dir))
         if self.loras and self.feature_cache and any("unet" in lora.components for lora, _ in self.loras):
@@ -258,8 +259,7 @@ class Pipeline:
         """One UNet evaluation of each of ``loops`` (requests that share a latent and context shape), batched
         within the backend's limit; each loop's ``out_sample``, for its ``advance``. With feature caching, each
         loop gets the deep UNet every ``cache_interval`` of its own evaluations and the shallow one between."""
-        return evaluate_unet(self.sessions, loops, self.feature_cache, self.cache_interval, self.unet_batch_limit,
-                             self.control_unet if any(loop.controls for loop in loops) else None)
+        return evaluate_unet(self.sessions, loops, self.feature_cache, self.cache_interval, self.unet_batch_limit)
 
     def decode_batch(self, latents: Sequence[np.ndarray], component: str | None = None) -> list[np.ndarray]:
         """Several requests' scaled latents through one VAE decode: each one's float output [n, C, H, W],
@@ -411,19 +411,35 @@ class Pipeline:
                 latents = sched.add_noise(init, noise, begin).astype(np.float32)
             else:  # the base's latents, already as noisy as the schedule is at `begin` (diffusers: add_noise=False)
                 latents = init.astype(np.float32)
-        controls = [Control(c.component, self._control_image(c.image, req), c.scale, c.start, c.end)
-                    for c in req.controls]
-        if controls:
-            self._load_lazily([self.control_unet, *(c.component for c in controls)])
+        controls, guess = self._controls(req)
         return Denoising(req, sched, sched.init_state(begin), rng, latents, context, begin, conditioning, end,
-                         inpaint, controls, req.guess_mode)
+                         inpaint, controls, guess)
 
-    @staticmethod
-    def _control_image(image: np.ndarray, req: Request) -> np.ndarray:
-        """A control picture as diffusers feeds it: one per image of the batch, doubled for guidance unless in
-        guess mode (where the ControlNet sees only the conditional half)."""
-        image = np.repeat(image, req.batch, axis=0)
-        return np.concatenate([image, image]) if req.guided and not req.guess_mode else image
+    def _controls(self, req: Request) -> tuple[list[Control], bool]:
+        """The request's ControlNets with their pictures as diffusers feeds them (one per image of the batch,
+        doubled for guidance unless in guess mode, where the ControlNet sees only the conditional half), its
+        T2I-Adapters with their features, computed once here as diffusers' adapter pipelines do before the loop;
+        and whether guess mode is on (asked, or forced as diffusers forces it by a ControlNet with
+        ``global_pool_conditions``, the first one's for several)."""
+        if not req.controls:
+            return [], req.guess_mode
+        records = [c.record for c in req.controls]
+        guess = req.guess_mode or bool(records[0].get("global_pool_conditions", False))
+        self._load_lazily(list(dict.fromkeys([*(r["unet"] for r in records), *(r["component"] for r in records)])))
+        out = []
+        for c, r in zip(req.controls, records):
+            control = Control(r["component"], None, c.scale, c.start, c.end, r.get("kind", CONTROLNET), r["unet"],
+                              bool(r.get("global_pool_conditions", False)))
+            if control.kind == T2I_ADAPTER:
+                features = self.sessions[r["component"]].run({CONTROL_IMAGE: c.image})
+                for name, value in features.items():
+                    check_finite(r["component"], value)
+                control.features = features
+            else:
+                image = np.repeat(c.image, req.batch, axis=0)
+                control.image = np.concatenate([image, image]) if req.guided and not guess else image
+            out.append(control)
+        return out, guess
 
     def _load_lazily(self, components) -> None:
         """Load sessions only some requests need (the VAE encoder, ControlNets) on first use, once."""

@@ -246,8 +246,9 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
         if pipe.cache_interval is not None:
             raise UserError("controls with cache_interval: feature caching has no ControlNet pair yet; load the "
                             "pipeline without cache_interval")
-        controls = check_controls(asked["controls"], pipe.controlnet_components, height, width)
     guess_mode = SETTING["guess_mode"].value(asked["guess_mode"])
+    if asked["controls"]:
+        controls = check_controls(asked["controls"], pipe.controlnets, height, width, guess_mode)
     if guess_mode and not controls:
         raise UserError("guess_mode: only ControlNets use it; give controls too, or leave it out")
     # validates the name (or the config's own class) and the step count

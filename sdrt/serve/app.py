@@ -265,7 +265,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/controlnet/model_list", dependencies=api)
     async def controlnet_models():
-        return {"model_list": list(service.require_engine().pipeline.controlnet_components)}
+        return {"model_list": list(service.require_engine().pipeline.controlnets)}
 
     @app.get("/controlnet/module_list", dependencies=api)
     async def controlnet_modules():

@@ -228,7 +228,7 @@ A1111_CONTROL_MODES = {"balanced": False, "0": False, "controlnet is more import
 
 def a1111_controlnet_model(model: str | None, pipeline) -> str:
     """The engine's ControlNet an A1111 ``model`` names: its name, or an A1111 title "name [hash]"."""
-    names = list(getattr(pipeline, "controlnet_components", {}))
+    names = list(getattr(pipeline, "controlnets", {}))
     wanted = (model or "").split(" [")[0].strip()
     for name in names:
         if wanted.lower() in (name, name.replace("-", "_")) or wanted.lower().replace("_", "-") == name:

@@ -32,17 +32,19 @@ def test_the_manifest_records_each_controlnet_and_the_residual_unet(controlled):
     import json
 
     m = json.loads((controlled["engine"] / "sdrt.json").read_text())
-    assert m["controlnets"] == {"unet": "unet_control", "models": {"edges": "controlnet_edges",
-                                                                   "depth": "controlnet_depth"}}
-    for comp in ("controlnet_edges", "controlnet_depth", "unet_control"):
+    assert sorted(m["controlnets"]) == ["depth", "edges"]
+    for name in ("edges", "depth"):
+        record = m["controlnets"][name]
+        assert (record["kind"], record["component"], record["unet"]) == ("controlnet", f"controlnet/{name}",
+                                                                         "unet_control")
+    for comp in ("controlnet/edges", "controlnet/depth", "unet_control"):
         assert m["components"][comp]["parity"]["rel_l2"] <= 1e-4, comp
     # like the plain UNet, the CPU backend's graph with fused attention beside the portable one
     cpu = m["components"]["unet_control"]["variants"]["cpu"]
     assert cpu["attention"] == "com.microsoft.MultiHeadAttention" and cpu["parity"]["rel_l2"] <= 1e-4
-    outs = [o["name"] for o in m["components"]["controlnet_edges"]["outputs"]]
+    outs = [o["name"] for o in m["components"]["controlnet/edges"]["outputs"]]
     ins = [i["name"] for i in m["components"]["unet_control"]["inputs"]]
-    assert outs[-1] == "mid_residual" and ins[3:] == outs
-    assert m["components"]["controlnet_edges"]["controlnet"]["name"] == "edges"
+    assert outs[-1] == "mid_residual" and ins[3:] == outs == m["controlnets"]["edges"]["residuals"]
 
 
 @pytest.mark.parametrize("scheduler, guess", [("euler_a", False), ("dpmpp_2m", False), ("ddim", True)])
@@ -132,7 +134,7 @@ def test_bad_controls_are_one_line(controlled, model_dirs, sd1_engine, tmp_path)
         Pipeline(sd1_engine).request(PROMPT, controls=[("edges", picture)])
     other = make_controlnet(model_dirs["sd2-tiny"], tmp_path / "sd2-net")
     assert_one_line_error(run_cli("export", controlled["model"], tmp_path / "e", "--controlnet", f"{other}:x"),
-                          "controlnet 'x' was made for another model", "cross_attention_dim")
+                          "sd2-net", "made for another model", "cross_attention_dim=64")
 
 
 def test_generate_cli_takes_controls(controlled, tmp_path):
@@ -157,12 +159,13 @@ def test_canny_finds_a_step_edge_once_and_ignores_flat_and_faint_areas():
     picture = np.zeros((40, 60, 3), np.uint8)
     picture[10:30, 15:45] = 255            # a white box: a strong step all round
     picture[:, 50:] = 20                   # a faint step (gray 20 against 0): below the low threshold
-    edges = canny(Image.fromarray(picture))[..., 0] > 0
+    edges = canny(picture)[..., 0] > 0
     rows, cols = np.nonzero(edges)
     assert set(rows) <= set(range(8, 32)) and set(cols) <= set(range(13, 47))   # only around the box
     for r in range(12, 28):                # each side of the box: one thin line
         assert edges[r, 13:17].sum() == 1 and edges[r, 43:47].sum() == 1
     assert not edges[:, 48:].any() and not edges[15:25, 20:40].any()
-    assert (canny(Image.fromarray(picture), 5, 10)[..., 0] > 0)[:, 48:].any()   # lower thresholds find it
+    assert (canny(picture, 5, 10)[..., 0] > 0)[:, 48:].any()
+    assert np.array_equal(preprocess(Image.fromarray(picture), "canny"), canny(picture))   # lower thresholds find it
     with pytest.raises(UserError, match="module 'depth'"):
         preprocess(picture, "depth")
