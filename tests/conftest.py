@@ -181,3 +181,21 @@ def controlled(model_dirs, tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(path)
         pictures.append(path)
     return {"model": model, "engine": engine, "nets": nets, "pictures": pictures, "base": base}
+
+
+def served_with_calls(pipe, asks: list[dict], components) -> tuple[list, list[tuple[str, int]]]:
+    """``asks`` submitted together to an Engine over ``pipe`` (its sessions loaded): each one's first picture,
+    and the (component, samples) of every call of ``components`` the engine made."""
+    from sdrt.serve import Engine
+
+    calls: list[tuple[str, int]] = []
+    for comp in components:
+        run = pipe.sessions[comp].run
+        pipe.sessions[comp].run = lambda feeds, comp=comp, run=run: (calls.append((comp, len(feeds["sample"]))),
+                                                                     run(feeds))[1]
+    engine = Engine(pipe, max_batch=8).start(warmup=False)
+    try:
+        jobs = [engine.submit(**a) for a in asks]
+        return [j.wait(120).images[0] for j in jobs], calls
+    finally:
+        engine.close()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdrt.errors import UserError
 from sdrt.runtime.images import images_psnr
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, run_cli, served_with_calls
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -84,7 +84,6 @@ def test_one_controlnet_equals_diffusers_and_the_plain_path_is_unchanged(control
 
 def test_requests_with_and_without_controlnets_share_unet_calls(controlled):
     from sdrt.runtime import Pipeline
-    from sdrt.serve import Engine
 
     asks = [dict(prompt=PROMPT, steps=5, seed=1, height=H, width=W,
                  controls=[("edges", str(controlled["pictures"][0]), 0.9)]),
@@ -94,17 +93,7 @@ def test_requests_with_and_without_controlnets_share_unet_calls(controlled):
     alone = [Pipeline(controlled["engine"]).generate(**a).images[0] for a in asks]
     pipe = Pipeline(controlled["engine"])
     pipe.generate(**asks[0])   # loads the ControlNet sessions, so the engine's calls can be counted
-    calls = []
-    for comp in ("unet", "unet_control"):
-        run = pipe.sessions[comp].run
-        pipe.sessions[comp].run = lambda feeds, comp=comp, run=run: (calls.append((comp, len(feeds["sample"]))),
-                                                                     run(feeds))[1]
-    engine = Engine(pipe, max_batch=8).start(warmup=False)
-    try:
-        jobs = [engine.submit(**a) for a in asks]
-        served = [j.wait(120).images[0] for j in jobs]
-    finally:
-        engine.close()
+    served, calls = served_with_calls(pipe, asks, ("unet", "unet_control"))
     for a, b in zip(served, alone):
         assert images_psnr(a, b) >= 60
     assert ("unet_control", 6) in calls   # three guided requests, with and without residuals, in one call
