@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def main() -> int:
     if not net.exists():
         make_controlnet(model, net)
     engine = work / "engine"
+    if engine.exists() and "controlnet/a" not in json.loads((engine / "sdrt.json").read_text())["components"]:
+        shutil.rmtree(engine)   # written before ControlNets were controlnet/NAME: export anew
     if not engine.exists():
         subprocess.run([sys.executable, "-m", "sdrt", "export", str(model), str(engine), "--components", "unet",
                         "--controlnet", f"{net}:a", "--controlnet", f"{net}:b", "-q"], check=True, cwd=ROOT)
@@ -55,14 +58,14 @@ def main() -> int:
 
     manifest = Manifest(engine, json.loads((engine / "sdrt.json").read_text()))
     backend = get_backend("cpu")
-    s = {c: backend.load(manifest, c) for c in ("unet", "unet_control", "controlnet_a", "controlnet_b")}
+    s = {c: backend.load(manifest, c) for c in ("unet", "unet_control", "controlnet/a", "controlnet/b")}
     m = manifest.model
     rng = np.random.default_rng(0)
     base = {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
             "timestep": np.full((2,), 500.0, dtype=np.float32),
             "encoder_hidden_states": rng.standard_normal((2, m.text_max_length, m.text_hidden_size), dtype=np.float32)}
     image = rng.random((2, 3, 512, 512), dtype=np.float32)
-    residuals = s["controlnet_a"].run({**base, "controlnet_cond": image})
+    residuals = s["controlnet/a"].run({**base, "controlnet_cond": image})
     zeros = {k: np.zeros_like(v) for k, v in residuals.items()}
 
     def plain():
@@ -74,7 +77,7 @@ def main() -> int:
     def controlled(n):
         def run():
             total = None
-            for c in ("controlnet_a", "controlnet_b")[:n]:
+            for c in ("controlnet/a", "controlnet/b")[:n]:
                 out = s[c].run({**base, "controlnet_cond": image})
                 total = out if total is None else {k: total[k] + out[k] for k in out}
             s["unet_control"].run({**base, **total})

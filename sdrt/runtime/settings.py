@@ -209,10 +209,11 @@ TABLE: tuple[Setting, ...] = (
             modes=IMG2IMG, native="noise_multiplier", flag="--noise-multiplier", metavar="F",
             a1111="initial_noise_multiplier", label="Noise multiplier", bad=(0.0, 3.0)),
     # ControlNets (sdrt.runtime.control): diffusers' StableDiffusionControlNetPipeline, MultiControlNetModel
-    Setting("controls", list, None, "a ControlNet of the engine (`sdrt export --controlnet`), NAME:IMAGE[:SCALE[:START:"
-            "END]]: its conditioning picture, scale (default 1, up to 2) and the fraction of the schedule it acts "
-            "in (default 0:1); repeatable (their residuals add up)", native="controls",
-            json=list[dict[str, Any]] | None, api_help="ControlNets: [{{name, image (base64), scale, start, end}}]",
+    Setting("controls", list, None, "a ControlNet or T2I-Adapter of the engine (`sdrt export --controlnet`), "
+            "NAME:IMAGE[:SCALE[:START:END]]: its conditioning picture, scale (default 1, up to 2) and the fraction of "
+            "the schedule it acts in (default 0:1); repeatable (their residuals add up; ControlNets or adapters, "
+            "not both)", native="controls", json=list[dict[str, Any]] | None,
+            api_help="ControlNets / T2I-Adapters: [{{name, image (base64), scale, start, end}}]",
             flag="--control", metavar="NAME:IMAGE[:SCALE[:START:END]]", bad=("nothing:x.png",)),
     Setting("guess_mode", bool, False, "ControlNets see only the conditional half, their residuals scaled 0.1 to 1 "
             "by depth (diffusers' guess_mode)", "True or False", native="guess_mode", flag="--guess-mode",

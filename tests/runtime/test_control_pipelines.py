@@ -136,7 +136,7 @@ def test_controlnet_img2img_equals_diffusers(controlled):
     net = diffusers.ControlNetModel.from_pretrained(controlled["nets"]["edges"])
     ref = _ready(diffusers.StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
         controlled["model"], controlnet=net, safety_checker=None, requires_safety_checker=False), "dpmpp_2m")
-    want = _pixels(ref(PROMPT, negative_prompt=NEGATIVE, image=Image.open(init).resize((W, H)),
+    want = _pixels(ref(PROMPT, negative_prompt=NEGATIVE, image=Image.open(init),
                        control_image=Image.open(cond), strength=0.7, num_inference_steps=6, guidance_scale=7.5,
                        height=H, width=W, generator=torch.Generator("cpu").manual_seed(4),
                        controlnet_conditioning_scale=0.9, control_guidance_start=0.1))
