@@ -19,7 +19,7 @@ component's input shapes follow from the manifest's symbolic dims and model numb
   and 2N (guided).
 
 Sizes must be multiples of the manifest's ``model.size_multiple``. Export records the VAE scale factor there
-(8 for SD1.5), as diffusers asks: the UNet is traced to take every latent size (sdrt.export.exporter._shapes),
+(8 for SD1.5), as diffusers asks: the UNet is traced to take every latent size (sdrt.export.steps._shapes),
 so only the VAE's own downsampling constrains the image size.
 """
 

@@ -178,7 +178,7 @@ class Checkpoint:
             "sample_size": sample_size,
             "default_height": sample_size * vae_scale_factor,
             "default_width": sample_size * vae_scale_factor,
-            # any latent size works (the UNet is traced with upsample_size; see exporter._shapes), so images
+            # any latent size works (the UNet is traced with upsample_size; see steps._shapes), so images
             # need only be multiples of the VAE's factor, as in diffusers
             "size_multiple": vae_scale_factor,
             "image_channels": int(v.get("in_channels", 3)),

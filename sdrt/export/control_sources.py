@@ -225,3 +225,15 @@ def unet_adapter_slots(unet_config: dict) -> list[tuple[int, int]]:
     n = len(blocks)
     slots = [(c, i if "CrossAttn" in t or i == n - 1 else i + 1) for i, (c, t) in enumerate(zip(blocks, types))]
     return slots + [(blocks[-1], n - 1)]
+
+
+def inspect_controls(args, ckpt, allow_pickle: bool) -> list[ControlSource]:
+    """The ``--controlnet`` arguments inspected against the checkpoint (inspect_control); a name given twice is
+    refused."""
+    factor = 2 ** (len(ckpt.vae_config.get("block_out_channels", [64])) - 1)
+    sources = [inspect_control(a, ckpt.unet_config, {"vae_scale_factor": factor}, allow_pickle) for a in args]
+    names = [s.name for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--controlnet name {twice[0]!r} is given twice; name them apart with PATH:NAME")
+    return sources

@@ -129,7 +129,7 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
     engine's UNet (fused again here, so the weights match)."""
     import torch
 
-    from sdrt.export.exporter import _entry, _release_memory, _shapes
+    from sdrt.export.steps import _entry, _release_memory, _shapes
     from sdrt.export.graphs import GraphSpec, example_inputs
     from sdrt.export.parity import compare, torch_outputs
 
@@ -201,7 +201,7 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
 
 def _fit_shape(shape: tuple, ratio: int, multiple: int) -> tuple:
     """(batch, latent_h, latent_w, chunks) with each latent side made a multiple of ``ratio`` and, where it was
-    not a multiple of the UNet's downsampling ``multiple``, kept off one if ``ratio`` allows (exporter._shapes:
+    not a multiple of the UNet's downsampling ``multiple``, kept off one if ``ratio`` allows (steps._shapes:
     the graph must learn the upsampling to the skip connection's size)."""
     def side(v: int) -> int:
         up = -(-v // ratio) * ratio
@@ -241,7 +241,7 @@ def _record(src: ControlSource, entry: dict, unet_config: dict) -> dict:
 def _export_with_variants(spec, module, model, trace_in, folder: Path, opset: int, cpu_variants: bool):
     """The graph as the exporter writes the UNet (fused-attention CPU variant and the portable graph expanded from
     it, GEGLU split), for a module with attention; else the plain trace."""
-    from sdrt.export.exporter import _export_unet_variants
+    from sdrt.export.steps import _export_unet_variants
     from sdrt.export.graphs import export_graph
     from sdrt.export.rewrites import split_geglu
 
@@ -254,7 +254,7 @@ def _export_with_variants(spec, module, model, trace_in, folder: Path, opset: in
 
 
 def _checked(comp, variants, data_file, expected, check_in, names):
-    from sdrt.export.exporter import _checked_variants
+    from sdrt.export.steps import _checked_variants
 
     return _checked_variants(comp, variants, data_file, expected, check_in, names)
 
@@ -264,7 +264,7 @@ def _export_unet_graph(comp, UNetResidualGraph, ckpt, numbers, unet_spec, res_sp
                        log):
     """``unet_control`` or ``unet_adapter``: traced in a scratch folder, its weights pointed into the engine UNet's
     weights file (share_weights), checked against PyTorch there, as ``unet/.<stem>*.part-PID``."""
-    from sdrt.export.exporter import _entry, _load_source, _release_memory, fuse_loras, log_entry
+    from sdrt.export.steps import _entry, _load_source, _release_memory, fuse_loras, log_entry
     from sdrt.export.graphs import GraphSpec, example_inputs
     from sdrt.export.parity import compare, torch_outputs
 
@@ -326,7 +326,8 @@ def add_controls(model_dir, engine_dir, controlnets: Sequence, *, force: bool, o
     never names a file that is not complete. A failure before that removes what was written.
     """
     from sdrt.export.checkpoint import Checkpoint
-    from sdrt.export.exporter import _control_sources, _remove_stale_temporaries, _require_torch
+    from sdrt.export.control_sources import inspect_controls
+    from sdrt.export.steps import _remove_stale_temporaries, _require_torch
     from sdrt.export.graphs import graph_specs
     from sdrt.runtime.manifest import MANIFEST_NAME, Manifest, write_json_atomic
 
@@ -344,7 +345,7 @@ def add_controls(model_dir, engine_dir, controlnets: Sequence, *, force: bool, o
     if ckpt.config_sha256() != data.get("source", {}).get("config_sha256"):
         raise UserError(f"{engine_dir} was not exported from {model_dir} (its configs differ from those the manifest "
                         "records); give the checkpoint it was exported from")
-    sources = _control_sources(controlnets, ckpt, allow_pickle)
+    sources = inspect_controls(controlnets, ckpt, allow_pickle)
     known = data.get(CONTROLNETS) or {}
     clash = [s.name for s in sources if s.name in known]
     if clash and not force:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import glob
 import json
 import os
 import shutil
@@ -13,15 +11,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sdrt import __version__
-from sdrt.errors import MissingDependencyError, UserError
-from sdrt.runtime.lora import check_components, load_loras, lora_deltas
+from sdrt.errors import UserError
+from sdrt.export.steps import (LAYERNORM_BROADCAST_ORT, VARIANT_FILE, _checked_variants, _entry,
+                               _export_unet_variants, _load_source, _release_memory, _remove_stale_temporaries,
+                               _require_torch, _shapes, fuse_loras)
+from sdrt.runtime.lora import check_components, load_loras
 from sdrt.runtime.manifest import (COMPONENTS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_files,
                                    write_json_atomic)
 
 DEFAULT_OPSET = 17
-VARIANT_FILE = "model.ort.onnx"  # a component's graph for ONNX Runtime's CPU provider, over the same weights
-LAYERNORM_BROADCAST_ORT = "1.24"   # the first onnxruntime whose LayerNormalization broadcasts scale and bias
-TRACE_LATENT_MAX = 64  # the largest latent side traced and checked (512 px at SD's factor 8); see _shapes
 # The graphs LoRAs patch: they get a weight map, and their weights go to the external-data file, so the runtime
 # can hand onnxruntime patched values as external initializers, which every graph optimization then sees.
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
@@ -39,48 +37,6 @@ def parse_components(text: str | Sequence[str] | None, available: Sequence[str] 
     return [c for c in available if c in names]
 
 
-def _require_torch():
-    try:
-        import diffusers  # noqa: F401
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError(e.name or "torch", "export", "needed by `sdrt export`") from None
-
-
-def _load_source(ckpt, source: str, allow_pickle: bool):
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdrt.export.unmapped import read_weights_into_memory
-
-    cls = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
-           "unet": UNet2DConditionModel, "vae": AutoencoderKL}[source]
-    kwargs = {"use_safetensors": None if allow_pickle else True, "torch_dtype": torch.float32}
-    try:
-        model = cls.from_pretrained(ckpt.path / source, **kwargs).eval()
-    except (OSError, ValueError) as e:  # e.g. only a variant file (model.fp16.safetensors) is present
-        raise UserError(f"{ckpt.path / source}: could not load the weights ({str(e).splitlines()[0]})") from None
-    # in the process's memory rather than mapped from the files, so that rewriting a weight frees the original
-    read_weights_into_memory(model, ckpt.path / source)
-    return model
-
-
-def _release_memory() -> None:
-    """Collect garbage and give freed heap memory back to the system. Weights below glibc's mmap threshold
-    (which rises to 32 MiB as big blocks are freed) live on the heap, where free() keeps them: without the
-    trim, the process held the full-size SDXL UNet's 10 GiB through the VAE's export after freeing it."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
-
-
 def _tool_versions(opset: int) -> dict:
     import diffusers
     import onnx
@@ -91,28 +47,6 @@ def _tool_versions(opset: int) -> dict:
     return {"sdrt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": opset}
-
-
-def _shapes(numbers: dict, latent_size_multiple: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """(batch, latent_h, latent_w, prompt chunks) to trace at, and other sizes to check parity at.
-
-    The UNet is traced at a latent size that is not a multiple of its downsampling factor: diffusers then
-    upsamples each decoder level to its skip connection's size (``upsample_size``) instead of by a fixed 2x,
-    and the traced graph takes every latent size, as diffusers does. Parity is checked at a size whose height
-    is a multiple and whose width is not, so both paths are compared with PyTorch; and with the text of two
-    prompt chunks where the trace saw one, so the UNet's sequence axis is checked too.
-
-    Both are taken near min(sample_size, TRACE_LATENT_MAX): the graph does not depend on the size traced, and
-    at SDXL's 128x128 latent the trace and the checks would hold activations four times as large and take
-    about four times as long, for nothing the smaller sizes do not check.
-    """
-    s = min(numbers["sample_size"], TRACE_LATENT_MAX)
-    m = latent_size_multiple
-    odd = 1 if m > 1 else 0
-    trace = (2, s + odd, s + odd, 1)
-    lo = s - m if s - m >= m else s + m
-    check = (1 if s >= 32 else 3, lo, s + 3 * odd, 2)
-    return trace, check
 
 
 def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *, force: bool = False,
@@ -202,7 +136,9 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             raise UserError(f"--cache-branch {cache_branch}: this UNet has branches 0 to {count - 1}")
     if tiny_vae is not None:
         _check_tiny_vae(tiny_vae, ckpt.vae_config)
-    controls = [] if single is not None or not controlnets else _control_sources(controlnets, ckpt, allow_pickle)
+    from sdrt.export.control_sources import inspect_controls
+
+    controls = [] if single is not None or not controlnets else inspect_controls(controlnets, ckpt, allow_pickle)
 
     import torch
 
@@ -223,7 +159,7 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
             single_record = convert_single_file(single, converted, vae=vae, prediction_type=prediction_type,
                                                 config_dir=config_dir, log=log)
             ckpt = Checkpoint.open(converted)
-            controls = _control_sources(controlnets, ckpt, allow_pickle)
+            controls = inspect_controls(controlnets, ckpt, allow_pickle)
         toks = {name: export_tokenizer(ckpt.path, tmp / name, name) for _, name in ckpt.text_encoders}
         numbers = ckpt.model_numbers(toks)
         (tmp / "scheduler").mkdir()
@@ -329,57 +265,6 @@ def export_model(model_dir: str | os.PathLike, engine_dir: str | os.PathLike, *,
     return manifest
 
 
-def _control_sources(args: Sequence, ckpt, allow_pickle: bool) -> list:
-    """The ``--controlnet`` arguments inspected against the checkpoint (sdrt.export.controlnet.inspect_control);
-    a name given twice is refused."""
-    from sdrt.export.control_sources import inspect_control
-
-    factor = 2 ** (len(ckpt.vae_config.get("block_out_channels", [64])) - 1)
-    sources = [inspect_control(a, ckpt.unet_config, {"vae_scale_factor": factor}, allow_pickle) for a in args]
-    names = [s.name for s in sources]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"--controlnet name {twice[0]!r} is given twice; name them apart with PATH:NAME")
-    return sources
-
-
-def _checked_variants(comp: str, variants: dict, data_file: str | None, expected, check_inputs, outputs) -> dict:
-    """The variants an export helper returned ({name: (path, what)}), each compared with PyTorch's outputs."""
-    from sdrt.export.parity import compare
-
-    return {name: _variant_entry(comp, path, data_file, compare(f"{comp} ({what.pop('described')})", path, expected,
-                                                                check_inputs, outputs), **what)
-            for name, (path, what) in variants.items()}
-
-
-def _entry(comp: str, spec, graph: Path, data_file: str | None, parity: dict, variants: dict, t0: float,
-           log: Callable[[str], None] | None, **extra) -> dict:
-    """A component's manifest entry (files, sha256, IO, parity, variants), logged (unless ``log`` is None)."""
-    files = [graph] + ([graph.parent / data_file] if data_file else [])
-    digest, size = sha256_files(files)
-    entry = {
-        "file": f"{comp}/{graph.name}", "data_file": data_file, "sha256": digest, "size_bytes": size,
-        "inputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.inputs],
-        "outputs": [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in spec.outputs],
-        "parity": parity, "export_s": round(time.perf_counter() - t0, 2), **extra,
-    }
-    if variants:
-        entry["variants"] = variants
-    if log is not None:
-        log_entry(comp, entry, log)
-    return entry
-
-
-def log_entry(comp: str, entry: dict, log: Callable[[str], None]) -> None:
-    """A component's export as one line per graph: parity, size, time; each variant's parity and file."""
-    parity = entry["parity"]
-    log(f"{comp:12s} rel_l2 {parity['rel_l2']:.2e}  max_abs {parity['max_abs']:.2e}  "
-        f"{entry['size_bytes'] / 1e6:9.1f} MB  {entry['export_s']:.1f} s")
-    for name, v in entry.get("variants", {}).items():
-        log(f"{'':12s} rel_l2 {v['parity']['rel_l2']:.2e}  max_abs {v['parity']['max_abs']:.2e}  "
-            f"({name} variant: {v['file']})")
-
-
 def _export_feature_cache(unet_spec, unet, branch: int, trace_inputs, check_inputs, out: Path, opset: int,
                           cpu_variants: bool, log: Callable[[str], None]) -> dict:
     """``unet_deep`` and ``unet_shallow`` (sdrt.export.feature_cache), each checked against PyTorch like the
@@ -483,22 +368,6 @@ def token_embedding_record(graph: Path, module) -> dict:
     return {"initializer": name, "shape": list(found.shape)}
 
 
-def fuse_loras(model, component: str, loras) -> int:
-    """Add the LoRAs' deltas of ``component`` to ``model``'s weights in place; returns how many weights changed.
-    The deltas are sdrt.runtime.lora's, the very numbers the runtime adds to an exported graph."""
-    import torch
-
-    from sdrt.export.weight_map import patchable_weights
-
-    weights = patchable_weights(model)
-    n = 0
-    with torch.no_grad():
-        for name, delta in lora_deltas(loras, component, {k: tuple(w.shape) for k, w in weights.items()}):
-            weights[name].add_(torch.from_numpy(delta.value()).to(weights[name].dtype))
-            n += 1
-    return n
-
-
 def _lora_records(loras) -> list[dict]:
     return [{"file": str(lora.path.resolve()), "sha256": sha256_files([lora.path])[0], "scale": scale,
              "format": lora.format} for lora, scale in loras]
@@ -512,33 +381,6 @@ def _write_weight_map(model, graph: Path, variants: list[Path], unused: set[str]
     path = graph.parent / WEIGHT_MAP_FILE
     write_json_atomic(path, record)
     return {"file": f"{graph.parent.name}/{WEIGHT_MAP_FILE}", "sha256": sha256_files([path])[0], **summary(record)}
-
-
-def _export_unet_variants(spec, module, unet, trace_inputs, out_dir: Path, opset: int):
-    """The UNet twice over one set of weights: ``model.ort.onnx`` with attention as ONNX Runtime's fused
-    MultiHeadAttention (the CPU backend's graph), and the portable ``model.onnx`` expanded from it into
-    standard ops (TensorRT, OpenVINO, other providers). Returns the portable graph, the data file and the
-    variant to check against PyTorch: {"cpu": (path, what the manifest records of it)}."""
-    import onnx
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from sdrt.export.attention import CONTRIB_DOMAIN, expand_attention, fuse_attention
-    from sdrt.export.graphs import export_graph
-
-    original = unet.attn_processors
-    fuse_attention(unet)
-    try:
-        fused, data_file = export_graph(spec, module, trace_inputs, out_dir, opset, name=VARIANT_FILE,
-                                        custom_opsets={CONTRIB_DOMAIN: 1}, external=True)
-    finally:
-        unet.set_attn_processor(original if original else AttnProcessor2_0())
-    model = onnx.load(str(fused), load_external_data=False)
-    expand_attention(model)
-    plain = out_dir / "model.onnx"
-    onnx.save_model(model, str(plain))
-    del model
-    return plain, data_file, {"cpu": (fused, {"described": "fused attention",
-                                              "attention": "com.microsoft.MultiHeadAttention"})}
 
 
 def _export_vae_variants(spec, module, trace_inputs, out_dir: Path, opset: int):
@@ -562,42 +404,6 @@ def _export_vae_variants(spec, module, trace_inputs, out_dir: Path, opset: int):
     return plain, data_file, {"cpu": (variant, {"described": "GroupNorm as LayerNormalization",
                                                 "groupnorm": "LayerNormalization", "groupnorms": count,
                                                 "min_onnxruntime": LAYERNORM_BROADCAST_ORT})}
-
-
-def _variant_entry(comp: str, graph: Path, data_file: str | None, parity: dict, **what) -> dict:
-    files = [graph] + ([graph.parent / data_file] if data_file else [])
-    digest, size = sha256_files(files)
-    return {"file": f"{comp}/{graph.name}", "sha256": digest, "size_bytes": size, **what, "parity": parity}
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_stale_temporaries(engine_dir: Path, log: Callable[[str], None]) -> None:
-    """Remove what exports into ``engine_dir`` left when they were killed outright (SIGKILL, a crash, power):
-    ``.NAME.tmp-PID``, ``.NAME.add-PID`` (`--add`) and, when ``engine_dir`` itself is in place, ``.NAME.old-PID``
-    and `--add`'s hidden files in ``NAME/unet`` (``.STEM.part-PID``, ``.STEM.trace-PID``). The PID says whose: what
-    a process that still runs wrote (a concurrent export) is left alone."""
-    def stale(pid: str) -> bool:
-        return pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid))
-
-    for path in engine_dir.parent.glob(f".{glob.escape(engine_dir.name)}.*-*"):
-        kind, _, pid = path.name[len(engine_dir.name) + 2:].partition("-")
-        if (kind in ("tmp", "add") or (kind == "old" and engine_dir.is_dir())) and path.is_dir() and stale(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed {path}, left by an export (process {pid}) that was killed")
-    for path in (engine_dir / "unet").glob(".*.*-*") if engine_dir.is_dir() else ():
-        kind, _, pid = path.name.rpartition(".")[2].partition("-")
-        if kind in ("part", "trace") and stale(pid):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            log(f"removed {path}, left by an export (process {pid}) that was killed")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
