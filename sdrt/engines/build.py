@@ -19,6 +19,11 @@ Through Polygraphy's loaders (``NetworkFromOnnxPath`` -> ``PostprocessNetwork`` 
    (LoRAs) with ``trt.Refitter`` instead of a rebuild; the entry says ``refittable`` and its key differs;
 5. the plan is written into ``trt/.tmp-<key>-<pid>/`` and renamed to ``trt/<key>/``; the manifest gets the
    entry and is saved atomically after each component, so an interrupted build keeps finished work.
+
+An engine with ControlNets or T2I-Adapters (`sdrt export --controlnet`) also gets a plan per ``controlnet/NAME``
+(``trt/<key>/controlnet/NAME.plan``) and for ``unet_control`` / ``unet_adapter``, with the UNet's ranges
+(:mod:`sdrt.engines.profiles`). Two components with one key (the same ControlNet exported under two names: the
+same graph, hence the same sha256) share one plan: the second entry names the first's file, built once.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from sdrt.engines.cache import cache_key, find_entry, stale_reason
 from sdrt.engines.parity import Verdict, check_engine
 from sdrt.engines.profiles import DEFAULT_PROMPT_CHUNKS, ShapeRequest, component_profiles, make_request
 from sdrt.errors import MissingDependencyError, UserError
+from sdrt.runtime.control import CONTROLNETS, UNET_ADAPTER, UNET_CONTROL, control_record
 from sdrt.runtime.families import family_class
 from sdrt.runtime.manifest import COMPONENTS, Manifest
 
@@ -68,7 +74,7 @@ def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components:
     jobs = []
     for comp in components:
         spec = manifest.component(comp)
-        profiles = component_profiles(comp, spec["inputs"], model, req)
+        profiles = component_profiles(comp, spec["inputs"], model, req, _control(manifest, comp))
         key = cache_key(spec["sha256"], precision, profiles, tensorrt_version, compute_capability, refittable)
         entry = find_entry(manifest.data.get("engines", {}).get(comp, []), key)
         cached = entry is not None and stale_reason(
@@ -85,8 +91,35 @@ def plan_jobs(manifest: Manifest, req: ShapeRequest, precision: str, components:
     return jobs
 
 
+def _control(manifest: Manifest, component: str) -> dict | None:
+    """The ``controlnets`` record of a ``controlnet/NAME`` component (None for the others)."""
+    record = control_record(manifest.data.get(CONTROLNETS) or {}, component)
+    if record is None and component.startswith("controlnet/"):
+        raise UserError(f"{component}: the manifest's {CONTROLNETS} section has no record for it (re-export the model)")
+    return record
+
+
+def buildable(manifest: Manifest) -> list[str]:
+    """What `sdrt build` builds by default: the base components, each ControlNet's and T2I-Adapter's graph and the
+    UNet graphs taking their outputs."""
+    controls = [r.get("component") for r in (manifest.data.get(CONTROLNETS) or {}).values()]
+    return [c for c in (*COMPONENTS, *controls, UNET_CONTROL, UNET_ADAPTER) if manifest.has(c)]
+
+
+def shared_entry(manifest: Manifest, component: str, key: str, tensorrt_version: str,
+                 compute_capability: str) -> tuple[str, dict] | None:
+    """Another component's usable entry with ``key`` (the key hashes the graph's sha256, so its plan is this one's)."""
+    sha = manifest.component(component)["sha256"]
+    for other, entries in manifest.data.get("engines", {}).items():
+        entry = find_entry(entries, key) if other != component else None
+        if entry is not None and stale_reason(entry, manifest.engine_dir, sha, tensorrt_version,
+                                              compute_capability) is None:
+            return other, dict(entry)
+    return None
+
+
 def resolve_components(manifest: Manifest, components: list[str] | None) -> list[str]:
-    present = [c for c in COMPONENTS if manifest.has(c)]
+    present = buildable(manifest)
     if not components:
         return present
     bad = [c for c in components if c not in present]
@@ -105,6 +138,7 @@ def write_plan(engine_dir: Path, key: str, component: str, plan: bytes, info: Ma
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    (tmp / f"{component}.plan").parent.mkdir(parents=True, exist_ok=True)   # controlnet/NAME.plan
     (tmp / f"{component}.plan").write_bytes(plan)
     if info is not None:
         (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -116,16 +150,18 @@ def write_plan(engine_dir: Path, key: str, component: str, plan: bytes, info: Ma
 
 
 def record_entry(manifest: Manifest, component: str, entry: dict[str, Any]) -> None:
-    """Add ``entry`` (replacing one with its key), drop entries for an older ONNX graph, save atomically."""
+    """Add ``entry`` (replacing one with its key), drop entries for an older ONNX graph (and their plans, unless
+    another component's entry shares them), save atomically."""
     engines = manifest.data.setdefault("engines", {})
     current_sha = manifest.component(component)["sha256"]
+    shared = {e.get("key") for c, es in engines.items() if c != component for e in es}
     kept = []
     for e in engines.get(component, []):
         if e.get("key") == entry["key"]:
             continue
         if e.get("onnx_sha256") not in (None, current_sha):
             old = manifest.engine_dir / TRT_DIR / str(e.get("key"))
-            if old.is_dir() and e.get("key"):
+            if old.is_dir() and e.get("key") and e.get("key") not in shared:
                 shutil.rmtree(old)
             continue
         kept.append(e)
@@ -260,6 +296,12 @@ def build_engines(engine_dir, precision: str = "fp16", batch=(1, 1, 4), height=N
             used.append(find_entry(entries, job.key))
             continue
         spec = manifest.component(job.component)
+        same = shared_entry(manifest, job.component, job.key, trt.__version__, cc)
+        if same is not None:
+            log(f"{job.component}: the same graph and profiles as {same[0]}: sharing its engine {job.key}")
+            record_entry(manifest, job.component, dict(same[1]))
+            used.append(dict(same[1]))
+            continue
         src = manifest.engine_dir / spec["file"]
         with tempfile.TemporaryDirectory(dir=manifest.engine_dir, prefix=".build-") as tmp:
             tmp = Path(tmp)

@@ -14,11 +14,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp16", choices=("fp16", "fp32"),
                         help="engine precision (fp16 falls back per component when unsafe; default fp16)")
     parser.add_argument("--batch", default="1:1:4", metavar="MIN:OPT:MAX",
-                        help="image batch range (the UNet sees twice this under guidance; default 1:1:4)")
+                        help="image batch range (the UNet and a ControlNet see twice this under guidance; default "
+                             "1:1:4)")
     parser.add_argument("--height", default=None, metavar="MIN:OPT:MAX",
-                        help="image height range in pixels (default: half to twice the model's default)")
+                        help="image height range in pixels (default: half to twice the model's default; a "
+                             "ControlNet's or T2I-Adapter's is rounded inward to its image_multiple)")
     parser.add_argument("--width", default=None, metavar="MIN:OPT:MAX",
-                        help="image width range in pixels (default: half to twice the model's default)")
+                        help="image width range in pixels (default: half to twice the model's default; a "
+                             "ControlNet's or T2I-Adapter's is rounded inward to its image_multiple)")
     parser.add_argument("--prompt-chunks", default="1:1:3", metavar="MIN:OPT:MAX",
                         help="prompt length range in chunks of 75 tokens (the UNet reads 77 per chunk; default "
                              "1:1:3, up to 225 tokens)")
@@ -27,7 +30,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-cache", default=None, metavar="FILE",
                         help="TensorRT timing cache to load and update (speeds up later builds)")
     parser.add_argument("--components", default=None, metavar="LIST",
-                        help="comma-separated components to build (default: all in the manifest)")
+                        help="comma-separated components to build (default: all in the manifest, ControlNets' and "
+                             "T2I-Adapters' controlnet/NAME and unet_control, unet_adapter included)")
     parser.add_argument("--opt-level", type=int, default=3, metavar="N",
                         help="TensorRT builder optimization level 0..5 (default 3)")
     parser.add_argument("--refittable", action="store_true",
@@ -59,8 +63,9 @@ def add_subcommand(sub) -> None:
     """Register ``sdrt build`` on the top-level CLI's subparsers (what ``sdrt/cli.py`` looks for)."""
     p = sub.add_parser(
         "build", help="build TensorRT engines for an engine directory (needs an NVIDIA GPU and the gpu extra)",
-        description="Build fp16 (or fp32) TensorRT plans with optimization profiles for each component, check "
-                    "each against ONNX Runtime fp32 (falling back to fp32 where fp16 is unsafe), and record them "
-                    "in ENGINE_DIR/sdrt.json under trt/<key>/.")
+        description="Build fp16 (or fp32) TensorRT plans with optimization profiles for each component (each "
+                    "ControlNet or T2I-Adapter and the UNet graph taking its outputs included), check each against "
+                    "ONNX Runtime fp32 (falling back to fp32 where fp16 is unsafe), and record them in "
+                    "ENGINE_DIR/sdrt.json under trt/<key>/.")
     add_build_arguments(p)
     p.set_defaults(func=run_build)

@@ -18,6 +18,21 @@ component's input shapes follow from the manifest's symbolic dims and model numb
 * Static mode builds exact shapes (min = opt = max); the UNet then gets two profiles, batch N (unguided)
   and 2N (guided).
 
+ControlNets and T2I-Adapters (``controlnet/NAME``; the manifest's ``controlnets`` record says which) and the UNet
+graphs taking their outputs (``unet_control``, ``unet_adapter``) get the UNet's ranges:
+
+* ``unet_control`` / ``unet_adapter`` take the UNet's batch (guided and unguided); a residual's or feature's
+  ``latent_height_k`` / ``latent_width_k`` is the latent size halved k times, rounding up, as the UNet's down
+  blocks halve it (sdrt.runtime.control.level_size), so at every latent size the ControlNet's outputs have the
+  shapes ``unet_control`` takes.
+* A ControlNet runs on the UNet's batch too: both halves under guidance, the conditional half alone in guess
+  mode, the image batch unguided; the UNet's batch minimum (the image batch's) allows the last two. Its
+  ``controlnet_cond`` is the control image, at pixel size (latent x vae_scale_factor: ``height``/``width``).
+* A T2I-Adapter runs once per request on its one picture (batch 1, static too), before the denoising loop.
+* A ControlNet's or T2I-Adapter's sizes are the request's rounded inward to multiples of its record's
+  ``image_multiple`` (a T2I-Adapter's pixel unshuffle can want a larger one than the VAE's), the sizes the runtime
+  lets it take; a range holding none is refused in one line.
+
 Sizes must be multiples of the manifest's ``model.size_multiple``. Export records the VAE scale factor there
 (8 for SD1.5), as diffusers asks: the UNet is traced to take every latent size (sdrt.export.steps._shapes),
 so only the VAE's own downsampling constrains the image size.
@@ -29,10 +44,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from sdrt.errors import UserError
+from sdrt.runtime.control import CONTROLNET, T2I_ADAPTER, UNET_ADAPTER, UNET_CONTROL, dim_level, level_size
 from sdrt.runtime.engine_cache import describe_profile, is_static, profile_fits  # noqa: F401 (re-exported)
 
-# How many times the largest image batch (UNet) or prompt batch (text encoder) a component may see.
-GUIDED_BATCH_FACTOR = {"unet": 2, "text_encoder": 2}
+# How many times the largest image batch (UNet, its residual graphs, a ControlNet) or prompt batch (text encoder) a
+# component may see; a ControlNet is told by its record's kind, not its component name.
+GUIDED_BATCH_FACTOR = {"unet": 2, UNET_CONTROL: 2, UNET_ADAPTER: 2, CONTROLNET: 2, "text_encoder": 2}
+ADAPTER_BATCH = 1   # a T2I-Adapter's: one picture per request (sdrt.runtime.pipeline.Pipeline._controls)
 DEFAULT_PROMPT_CHUNKS = (1, 1, 3)
 
 
@@ -134,11 +152,13 @@ def make_request(model: Mapping[str, Any], batch=(1, 1, 4), height=None, width=N
     return ShapeRequest(b, h, w, static, c)
 
 
-def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
+def _batch_ranges(component: str, req: ShapeRequest, kind: str | None = None) -> list[Range]:
     b, c = req.batch, req.chunks
     if component.startswith("text_encoder"):
         return [Range(1, b.opt * c.opt, GUIDED_BATCH_FACTOR["text_encoder"] * b.max * c.max)]
-    factor = GUIDED_BATCH_FACTOR.get(component, 1)
+    if kind == T2I_ADAPTER:
+        return [Range(ADAPTER_BATCH, ADAPTER_BATCH, ADAPTER_BATCH)]
+    factor = GUIDED_BATCH_FACTOR.get(kind or component, 1)
     if factor == 1:
         return [b]
     if req.static:
@@ -146,21 +166,45 @@ def _batch_ranges(component: str, req: ShapeRequest) -> list[Range]:
     return [b.scaled(1, factor, factor)]
 
 
+def _on_grid(r: Range, multiple: int, what: str, component: str) -> Range:
+    """``r`` rounded inward to multiples of ``multiple`` (OPT rounded down, kept within); one line when none is left."""
+    lo, hi = -(-r.min // multiple) * multiple, r.max // multiple * multiple
+    if lo > hi:
+        raise UserError(f"{component}: --{what} {r} holds no multiple of {multiple}, which its control image's size "
+                        f"must be; give a range that does, or build the others with --components")
+    return Range(lo, min(max(r.opt // multiple * multiple, lo), hi), hi)
+
+
+def _latent_level(symbol: str, sizes: Mapping[str, Range]) -> Range | None:
+    """``latent_height_k`` / ``latent_width_k``: the latent range halved k times, rounding up; None for another."""
+    level = dim_level(symbol)
+    if level is None:
+        return None
+    latent, k = sizes[level[0]], level[1]
+    return Range(level_size(latent.min, k), level_size(latent.opt, k), level_size(latent.max, k))
+
+
 def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], model: Mapping[str, Any],
-                       req: ShapeRequest) -> list[dict[str, dict[str, list[int]]]]:
+                       req: ShapeRequest, control: Mapping[str, Any] | None = None
+                       ) -> list[dict[str, dict[str, list[int]]]]:
     """The optimization profiles for one component: ``[{input_name: {"min", "opt", "max"}}]``.
 
-    ``inputs`` are the manifest's input specs (name, dtype, shape with ints or symbol strings).
+    ``inputs`` are the manifest's input specs (name, dtype, shape with ints or symbol strings). ``control``: the
+    manifest's ``controlnets`` record of a ``controlnet/NAME`` component (its kind and ``image_multiple``).
     """
     vsf = int(model["vae_scale_factor"])
     length = int(model["text_max_length"])
+    height, width = req.height, req.width
+    if control is not None:
+        multiple = int(control.get("image_multiple", vsf))
+        height, width = _on_grid(height, multiple, "height", component), _on_grid(width, multiple, "width", component)
     sizes = {
-        "height": req.height, "width": req.width, "sequence": req.chunks.scaled(length, length, length),
-        "latent_height": Range(req.height.min // vsf, req.height.opt // vsf, req.height.max // vsf),
-        "latent_width": Range(req.width.min // vsf, req.width.opt // vsf, req.width.max // vsf),
+        "height": height, "width": width, "sequence": req.chunks.scaled(length, length, length),
+        "latent_height": Range(height.min // vsf, height.opt // vsf, height.max // vsf),
+        "latent_width": Range(width.min // vsf, width.opt // vsf, width.max // vsf),
     }
     profiles = []
-    for batch in _batch_ranges(component, req):
+    for batch in _batch_ranges(component, req, control.get("kind", CONTROLNET) if control is not None else None):
         symbols = dict(sizes, batch=batch)
         profile = {}
         for spec in inputs:
@@ -170,10 +214,12 @@ def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], mode
                     r = Range(d, d, d)
                 elif isinstance(d, str) and d in symbols:
                     r = symbols[d]
+                elif isinstance(d, str) and _latent_level(d, sizes) is not None:
+                    r = _latent_level(d, sizes)
                 else:
                     raise UserError(
                         f"{component}: input {spec['name']!r} has dimension {d!r}; sdrt build knows "
-                        f"{', '.join(sorted(symbols))} (re-export the model)")
+                        f"{', '.join(sorted(symbols))}, latent_height_K, latent_width_K (re-export the model)")
                 dims["min"].append(r.min)
                 dims["opt"].append(r.opt)
                 dims["max"].append(r.max)

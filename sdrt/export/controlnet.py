@@ -34,7 +34,7 @@ from sdrt.errors import UserError
 from sdrt.export.control_sources import ControlSource, adapter_features, fit_record, load_control, unet_adapter_slots
 from sdrt.export.shared_weights import share_weights
 from sdrt.runtime.control import (CONTROL_IMAGE, CONTROLNET, CONTROLNETS, MID_RESIDUAL, T2I_ADAPTER, UNET_ADAPTER,
-                                  UNET_CONTROL, adapter_feature, down_residual)
+                                  UNET_CONTROL, adapter_feature, down_residual, level_dims, level_size)
 from sdrt.runtime.manifest import sha256_files
 
 UNET_GRAPH_FILES = {UNET_CONTROL: "control", UNET_ADAPTER: "adapter"}  # unet/<stem>.onnx and <stem>.ort.onnx
@@ -97,7 +97,7 @@ def _levels(shapes: list[tuple[int, ...]], latent: tuple[int, int]) -> list[int]
     """Each output's downsampling level: k where its size is the latent size halved k times, rounding up."""
     out = []
     for s in shapes:
-        k = next((k for k in range(16) if s[2:] == tuple(-(-v // 2 ** k) for v in latent)), None)
+        k = next((k for k in range(16) if s[2:] == tuple(level_size(v, k) for v in latent)), None)
         if k is None:
             raise UserError(f"an output of size {s[2:]} is no halving of the latent size {latent}")
         out.append(k)
@@ -105,8 +105,7 @@ def _levels(shapes: list[tuple[int, ...]], latent: tuple[int, int]) -> list[int]
 
 
 def _symbolic(name: str, shape, level: int) -> tuple:
-    dims = ("latent_height", "latent_width") if level == 0 else (f"latent_height_{level}", f"latent_width_{level}")
-    return name, "float32", ("batch", int(shape[1]), *dims)
+    return name, "float32", ("batch", int(shape[1]), *level_dims(level))
 
 
 @dataclass

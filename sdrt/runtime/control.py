@@ -67,6 +67,34 @@ def control_component(name: str) -> str:
     return f"controlnet/{name}"
 
 
+def control_record(controlnets: Mapping[str, Mapping], component: str) -> Mapping | None:
+    """The record (of the manifest's ``controlnets`` section) whose graph is ``component``, or None."""
+    return next((r for r in controlnets.values() if r.get("component") == component), None)
+
+
+# ---- the residuals' symbolic sizes ---------------------------------------------------------------------------
+LATENT_DIMS = ("latent_height", "latent_width")
+LEVEL_DIM = re.compile(r"(latent_height|latent_width)_([1-9][0-9]?)")
+
+
+def level_dims(level: int) -> tuple[str, str]:
+    """The symbolic height and width of a residual at downsampling ``level``: ``latent_height``/``latent_width`` at
+    0, ``latent_height_k``/``latent_width_k`` at k (the latent size halved k times, rounding up)."""
+    return LATENT_DIMS if level == 0 else (f"{LATENT_DIMS[0]}_{level}", f"{LATENT_DIMS[1]}_{level}")
+
+
+def level_size(latent: int, level: int) -> int:
+    """The latent size halved ``level`` times, rounding up, as each stride-2 convolution (kernel 3, padding 1) of
+    the UNet's down blocks halves it."""
+    return -(-int(latent) // 2 ** level)
+
+
+def dim_level(symbol) -> tuple[str, int] | None:
+    """``("latent_height", k)`` for ``"latent_height_k"`` (k >= 1; likewise width), None for any other dim."""
+    m = LEVEL_DIM.fullmatch(symbol) if isinstance(symbol, str) else None
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def check_name(name: str, what: str = "--controlnet") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise UserError(f"{what} name {name!r}: use {NAME_RULE} characters")

@@ -260,7 +260,11 @@ def evaluate_unet(sessions: dict, loops: Sequence[Denoising], feature_cache: dic
 
 
 def _run_batched(session, feeds: list[dict[str, np.ndarray]], limit: int | None) -> dict[str, np.ndarray]:
-    """The feeds concatenated on the batch axis, run in calls of at most ``limit`` samples."""
+    """The feeds concatenated on the batch axis, run in calls of at most ``limit`` samples, or of what the session
+    itself takes when that is fewer (a ControlNet's or residual UNet's TensorRT plan built with a smaller
+    ``sdrt build --batch`` than the UNet's)."""
+    own = session.dim_limit("sample", 0)
+    limit = own if limit is None else limit if own is None else min(limit, own)
     batch = feeds[0] if len(feeds) == 1 else {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
     rows = batch["sample"].shape[0]
     if limit is None or rows <= limit:

@@ -99,6 +99,28 @@ def test_requests_with_and_without_controlnets_share_unet_calls(controlled):
     assert ("unet_control", 6) in calls   # three guided requests, with and without residuals, in one call
 
 
+def test_a_controlnet_taking_fewer_samples_than_the_unet_is_called_in_parts(controlled):
+    """A ControlNet and residual UNet whose TensorRT plans take fewer samples than the UNet's (built apart with a
+    smaller `sdrt build --batch`; stand-ins that say so through dim_limit, as the TensorRT backend does): their
+    calls are split to what each takes, with the same picture."""
+    from sdrt.runtime import Pipeline
+    from tests.serve.test_engine_modes import LimitedSession
+
+    ask = dict(prompt=PROMPT, steps=3, seed=6, height=H, width=W, num_images=2, guidance=7.5, scheduler="euler",
+               controls=[("edges", str(controlled["pictures"][0]), 0.9)])
+    want = Pipeline(controlled["engine"]).generate(**ask).images
+    pipe = Pipeline(controlled["engine"])
+    pipe._load_lazily(["controlnet/edges", "unet_control"])
+    for comp, limit in (("controlnet/edges", 2), ("unet_control", 3)):
+        pipe.sessions[comp] = LimitedSession(pipe.sessions[comp], limit)
+    assert pipe.unet_batch_limit is None   # the plain UNet's (ONNX Runtime's): any batch
+    got = pipe.generate(**ask).images
+    assert pipe.sessions["controlnet/edges"].batches == [2, 2] * 3   # 2 guided images: 4 samples a step
+    assert pipe.sessions["unet_control"].batches == [3, 1] * 3
+    for a, b in zip(got, want):
+        assert images_psnr(a, b) >= 60
+
+
 def test_bad_controls_are_one_line(controlled, model_dirs, sd1_engine, tmp_path):
     from sdrt.runtime import Pipeline
     from tools.make_models import make_controlnet

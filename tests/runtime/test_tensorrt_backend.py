@@ -21,16 +21,19 @@ UNET_INPUTS = {"sample": "float32", "timestep": "float32", "encoder_hidden_state
 
 
 def add_engine(engine_dir, static=False, batch="1:1:2", size="32:64:64", trt_version="10.3.0", cc="8.9",
-               plan=None, refittable=False):
+               plan=None, refittable=False, component="unet", outputs=None):
+    """A fake plan of ``component`` and its manifest entry, as `sdrt build` writes them; ``outputs``: the fake's
+    (each output a scaled copy of an input: tests/runtime/fake_trt.py), the UNet's by default."""
     m = Manifest.load(engine_dir)
     req = make_request(m.data["model"], batch=batch, height=size, width=size, static=static)
-    (job,) = plan_jobs(m, req, "fp16", ["unet"], trt_version, cc, refittable=refittable)
-    data = plan if plan is not None else fake_plan(UNET_INPUTS, {"out_sample": ("sample", 0.5)}, job.profiles)
-    rel = write_plan(engine_dir, job.key, "unet", data)
-    record_entry(m, "unet", {
+    (job,) = plan_jobs(m, req, "fp16", [component], trt_version, cc, refittable=refittable)
+    inputs = {i["name"]: i["dtype"] for i in m.component(component)["inputs"]}
+    data = plan if plan is not None else fake_plan(inputs, outputs or {"out_sample": ("sample", 0.5)}, job.profiles)
+    rel = write_plan(engine_dir, job.key, component, data)
+    record_entry(m, component, {
         "key": job.key, "precision": "fp16", "profiles": job.profiles, "static": static,
         "tensorrt_version": trt_version, "gpu_name": "Fake GPU", "compute_capability": cc, "plan": rel,
-        "size_bytes": len(data), "onnx_sha256": m.component("unet")["sha256"], "fallback_fp32": False,
+        "size_bytes": len(data), "onnx_sha256": m.component(component)["sha256"], "fallback_fp32": False,
         "refittable": refittable})
     return job
 
