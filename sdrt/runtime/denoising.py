@@ -263,7 +263,8 @@ def _run_batched(session, feeds: list[dict[str, np.ndarray]], limit: int | None)
     """The feeds concatenated on the batch axis, run in calls of at most ``limit`` samples, or of what the session
     itself takes when that is fewer (a ControlNet's or residual UNet's TensorRT plan built with a smaller
     ``sdrt build --batch`` than the UNet's)."""
-    own = session.dim_limit("sample", 0)
+    dim_limit = getattr(session, "dim_limit", None)   # wrappers (spies, stand-ins) may not say
+    own = dim_limit("sample", 0) if dim_limit is not None else None
     limit = own if limit is None else limit if own is None else min(limit, own)
     batch = feeds[0] if len(feeds) == 1 else {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
     rows = batch["sample"].shape[0]
