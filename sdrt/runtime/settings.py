@@ -309,6 +309,10 @@ def request_parameters(req, scheduler: str, model: str, index: int = 0) -> str:
         value = getattr(req, name)
         if SETTING[name].given(value):
             extra[SETTING[name].label] = text(value)
+    for i, c in enumerate(req.controls):   # as AUTOMATIC1111's ControlNet extension writes its units
+        extra[f"ControlNet {i}"] = (f"Model: {c.name}, Weight: {c.scale:g}, Guidance Start: {c.start:g}, Guidance End: "
+                                    f"{c.end:g}" + (", Control Mode: ControlNet is more important"
+                                                    if req.guess_mode else ""))
     return format_parameters(
         prompt=req.prompts[0], negative_prompt=req.negative_prompts[0], steps=req.steps,
         scheduler=req.scheduler or scheduler, guidance=req.guidance, seed=req.seed, height=req.height,

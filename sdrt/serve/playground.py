@@ -33,11 +33,12 @@ def _asset(name: str) -> str:
 
 
 def page_config(service) -> dict:
-    """What the page needs to know: the model's defaults and this service's limits (blank while loading)."""
+    """What the page needs to know: the model's defaults, this service's limits (blank while loading) and the
+    engine's ControlNets and T2I-Adapters (name, kind) for its control picture."""
     config = {"model": service.model_name, "api_key_required": service.api_key is not None,
               "schedulers": list(SCHEDULER_NAMES), "default_scheduler": None, "steps": PAGE_STEPS,
               "guidance": DEFAULT_GUIDANCE, "height": None, "width": None, "size_multiple": 8,
-              "max_steps": None, "max_images": None, "max_pixels": None}
+              "max_steps": None, "max_images": None, "max_pixels": None, "controlnets": []}
     engine = service.engine
     if engine is not None:
         m = engine.pipeline.model
@@ -46,6 +47,8 @@ def page_config(service) -> dict:
                       size_multiple=m.size_multiple, max_steps=limits.max_steps, max_images=limits.max_images,
                       max_pixels=limits.max_pixels or 4 * m.default_height * m.default_width)
         config["steps"] = min(PAGE_STEPS, limits.max_steps)
+        config["controlnets"] = [{"name": name, "kind": record.get("kind", "controlnet")}
+                                 for name, record in getattr(engine.pipeline, "controlnets", {}).items()]
     return config
 
 

@@ -160,6 +160,9 @@ def test_generate_cli_takes_controls(controlled, tmp_path):
         PROMPT, steps=3, seed=2, height=H, width=W,
         controls=[("edges", controlled["pictures"][0], 0.7, 0, 0.5), ("depth", controlled["pictures"][1])]).images[0]
     assert images_psnr(np.asarray(Image.open(out).convert("RGB")), want) >= 60
+    text = Image.open(out).text["parameters"]   # each control as AUTOMATIC1111's ControlNet extension writes it
+    assert ('ControlNet 0: "Model: edges, Weight: 0.7, Guidance Start: 0, Guidance End: 0.5", '
+            'ControlNet 1: "Model: depth, Weight: 1, Guidance Start: 0, Guidance End: 1"') in text
     assert_one_line_error(run_cli("generate", controlled["engine"], PROMPT, "--control", "lines:x.png"),
                           "controls 'lines'", "edges, depth")
 

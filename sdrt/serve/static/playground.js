@@ -28,7 +28,49 @@ function setup() {
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   $("cancel").addEventListener("click", cancel);
   setupPainting();
+  setupControl();
   checkHealth();
+}
+
+// ---- a control picture for one of the engine's ControlNets / T2I-Adapters ------------------------------------
+let controlPicture = null; // the chosen picture as a data URL, sent as is (the service resizes it)
+
+function setupControl() {
+  const models = config.controlnets || [];
+  $("control-none").hidden = models.length > 0;
+  $("control-fields").hidden = models.length === 0;
+  for (const {name, kind} of models) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = kind === "t2i_adapter" ? `${name} (T2I-Adapter)` : name;
+    option.dataset.kind = kind;
+    $("control-name").append(option);
+  }
+  const guessable = () => {
+    const adapter = $("control-name").selectedOptions[0]?.dataset.kind === "t2i_adapter";
+    $("guess-mode").disabled = adapter;   // guess mode is a ControlNet's
+    if (adapter) $("guess-mode").checked = false;
+  };
+  $("control-name").addEventListener("change", guessable);
+  guessable();
+  $("control-image").addEventListener("change", () => {
+    const file = $("control-image").files[0];
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => {
+      controlPicture = reader.result;
+      $("control-preview").src = controlPicture;
+      $("control-chosen").hidden = false;
+    };
+    reader.onerror = () => showError(`${file.name}: the browser cannot read this picture`, "no control picture");
+    reader.readAsDataURL(file);
+  });
+  $("remove-control").addEventListener("click", () => {
+    controlPicture = null;
+    $("control-image").value = "";
+    $("control-preview").removeAttribute("src");
+    $("control-chosen").hidden = true;
+  });
 }
 
 // ---- the picture to change and its mask ------------------------------------------------------------------------
@@ -188,6 +230,12 @@ function request() {
       body.overlay = $("overlay").checked;
     }
     if ($("strength").value !== "") body.strength = parseFloat($("strength").value);
+  }
+  if (controlPicture) {
+    body.controls = [{name: $("control-name").value, image: controlPicture,
+                      scale: parseFloat($("control-scale").value), start: parseFloat($("control-start").value),
+                      end: parseFloat($("control-end").value)}];
+    if ($("guess-mode").checked) body.guess_mode = true;
   }
   return body;
 }
