@@ -11,6 +11,8 @@ next. Only the UNets (``unet``, ``unet_deep``, ``unet_shallow``) are called back
 spin; the text encoders' and VAEs' sleep between calls. Spinning there stole a core from the UNet in the serving
 engine, which calls them between UNet steps: their spinning threads took 0.4 s of CPU each in a 3.4 s load run
 and the service made 14.4 images/s, against 15.8-16.9 with them sleeping (benchmarks/RESULTS.md, issue 23).
+ControlNets, though called every step, sleep too: each runs right before a UNet call, and their spinning made
+the service with ControlNets 6.4-6.7 images/s instead of 10.5-10.7 (benchmarks/RESULTS.md, issue 25).
 """
 
 from __future__ import annotations
