@@ -1,5 +1,5 @@
 """ControlNets and T2I-Adapters through the whole torch-free pipeline against diffusers' own pipelines, same seed:
-SDXL with a ControlNet (StableDiffusionXLControlNetPipeline), T2I-Adapters on SD1 and SDXL
+SDXL with a ControlNet (StableDiffusionXLControlNetPipeline), SD2 v-prediction with a ControlNet, T2I-Adapters on SD1 and SDXL
 (StableDiffusion(XL)AdapterPipeline, the SDXL one with adapter_conditioning_factor), a ControlNet with img2img and
 with inpainting (StableDiffusionControlNetImg2ImgPipeline / ControlNetInpaintPipeline), and the service batching
 requests that need different UNet graphs."""
@@ -86,6 +86,28 @@ def test_sdxl_controlnet_equals_diffusers(sdxl_controls, scheduler, guess):
     plain = Pipeline(c["engine"]).generate(PROMPT, negative_prompt=NEGATIVE, steps=5, guidance=6.0, seed=7,
                                            scheduler=scheduler, height=H, width=W).images[0]
     assert images_psnr(plain, want) < images_psnr(ours, want) - 10   # the ControlNet made the difference
+
+
+def test_sd2_v_prediction_controlnet_equals_diffusers(sd2_model, tmp_path):
+    """SD2.x (v-prediction, 1024-wide context in the full model) with a ControlNet made for it."""
+    from sdrt.export import export_model
+    from sdrt.runtime import Pipeline
+    from tools.make_models import make_controlnet
+
+    net = make_controlnet(sd2_model, tmp_path / "net", seed=3)
+    engine = tmp_path / "engine"
+    export_model(sd2_model, engine, progress=False, log=lambda m: None, controlnets=[f"{net}:lines"])
+    picture = _picture(tmp_path / "c.png", 7)
+    ours = Pipeline(engine).generate(PROMPT, negative_prompt=NEGATIVE, steps=5, guidance=7.5, seed=8,
+                                     scheduler="dpmpp_2m", height=H, width=W,
+                                     controls=[("lines", picture, 0.9, 0.0, 0.8)]).images[0]
+    ref = _ready(diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        sd2_model, controlnet=diffusers.ControlNetModel.from_pretrained(net), safety_checker=None,
+        requires_safety_checker=False), "dpmpp_2m")
+    want = _pixels(ref(PROMPT, negative_prompt=NEGATIVE, image=Image.open(picture), num_inference_steps=5,
+                       guidance_scale=7.5, height=H, width=W, generator=torch.Generator("cpu").manual_seed(8),
+                       controlnet_conditioning_scale=0.9, control_guidance_end=0.8))
+    assert images_psnr(ours, want) >= FLOOR_DB
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.6])
