@@ -44,7 +44,6 @@ CONTROLNETS = "controlnets"          # the manifest's section
 UNET_CONTROL = "unet_control"        # the UNet taking a ControlNet's residuals
 UNET_ADAPTER = "unet_adapter"        # the UNet taking a T2I-Adapter's features
 CONTROLNET, T2I_ADAPTER = "controlnet", "t2i_adapter"
-KINDS = (CONTROLNET, T2I_ADAPTER)
 CONTROL_IMAGE = "controlnet_cond"
 MID_RESIDUAL = "mid_residual"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

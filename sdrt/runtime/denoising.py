@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from sdrt.runtime.control import CONTROLNET, UNET_CONTROL, keep, residual_scales
+from sdrt.runtime.control import CONTROLNET, UNET_CONTROL, keep, residual_scales, scaled
 from sdrt.runtime.families import check_finite
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def control_residuals(sessions: dict, loops: Sequence[Denoising], feeds: list[di
     """Each loop's UNet graph and summed residuals (ControlNets) or features (T2I-Adapters) for this step, by the
     graph's input names; None where nothing acts on it now. Each ControlNet runs once over every loop that uses
     it. ``feeds``: the loops' UNet inputs."""
-    calls: dict[str, list] = {}   # component -> [(loop index, control)]
+    calls: dict[str, list] = {}   # component -> [(loop index, control, its scale now)]
     sums: list[tuple[str, dict[str, np.ndarray]] | None] = [None] * len(loops)
 
     def add(k: int, graph: str, values: dict[str, np.ndarray]) -> None:
@@ -171,17 +171,18 @@ def control_residuals(sessions: dict, loops: Sequence[Denoising], feeds: list[di
             if scale == 0:   # a zero scale adds exact zeros: skipped
                 continue
             if control.features is None:
-                calls.setdefault(control.component, []).append((k, control))
+                calls.setdefault(control.component, []).append((k, control, scale))
                 continue
             rows = len(feeds[k]["sample"])   # the adapter's features, the same for every row
-            add(k, control.unet, {n: np.repeat(f * np.float32(scale), rows, axis=0).astype(np.float32, copy=False)
-                                  for n, f in control.features.items()})
+            names = list(control.features)
+            add(k, control.unet, {n: np.repeat(f, rows, axis=0)
+                                  for n, f in scaled(control.features, names, [scale] * len(names)).items()})
     for component, uses in calls.items():
         session = sessions[component]
         wanted = [i.name for i in session.inputs]
         channels = session.inputs[0].shape[1]   # the latents' (an inpainting UNet's sample has more)
         inputs = []
-        for k, control in uses:
+        for k, control, _ in uses:
             loop, feed = loops[k], feeds[k]
             half = loop.guess_mode and loop.req.guided   # guess mode: the conditional half only
             rows = slice(len(feed["sample"]) // 2, None) if half else slice(None)
@@ -191,15 +192,14 @@ def control_residuals(sessions: dict, loops: Sequence[Denoising], feeds: list[di
         out = _run_batched(session, inputs, limit)
         offsets = np.cumsum([f["sample"].shape[0] for f in inputs])[:-1]
         names = list(out)   # down_residual_0 .. n-1, mid_residual, in order
-        parts = [np.split(out[name], offsets) for name in names]
-        for j, (k, control) in enumerate(uses):
+        parts = {name: np.split(out[name], offsets) for name in names}
+        for j, (k, control, scale) in enumerate(uses):
             loop = loops[k]
-            scales = residual_scales(len(names), control.scale_at(loop.completed, loop.total), loop.guess_mode,
-                                     control.global_pool)
-            residuals = [(p[j] * s).astype(np.float32, copy=False) for p, s in zip(parts, scales)]
+            residuals = scaled({n: p[j] for n, p in parts.items()}, names,
+                               residual_scales(len(names), scale, loop.guess_mode, control.global_pool))
             if loop.guess_mode and loop.req.guided:   # the unconditional half gets nothing added
-                residuals = [np.concatenate([np.zeros_like(r), r]) for r in residuals]
-            add(k, control.unet, dict(zip(names, residuals)))
+                residuals = {n: np.concatenate([np.zeros_like(r), r]) for n, r in residuals.items()}
+            add(k, control.unet, residuals)
     return sums
 
 

@@ -240,14 +240,13 @@ def make_request(pipe, prompt, negative_prompt=None, **asked):
                 "loading (give init_image as a path or PIL image and height/width resize it)")
         height, width = img_h, img_w
     controls = []
+    guess_mode = SETTING["guess_mode"].value(asked["guess_mode"])
     if asked["controls"]:
         from sdrt.runtime.control import check_controls
 
         if pipe.cache_interval is not None:
             raise UserError("controls with cache_interval: feature caching has no ControlNet pair yet; load the "
                             "pipeline without cache_interval")
-    guess_mode = SETTING["guess_mode"].value(asked["guess_mode"])
-    if asked["controls"]:
         controls = check_controls(asked["controls"], pipe.controlnets, height, width, guess_mode)
     if guess_mode and not controls:
         raise UserError("guess_mode: only ControlNets use it; give controls too, or leave it out")
