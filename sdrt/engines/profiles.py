@@ -214,8 +214,8 @@ def component_profiles(component: str, inputs: Iterable[Mapping[str, Any]], mode
                     r = Range(d, d, d)
                 elif isinstance(d, str) and d in symbols:
                     r = symbols[d]
-                elif isinstance(d, str) and _latent_level(d, sizes) is not None:
-                    r = _latent_level(d, sizes)
+                elif isinstance(d, str) and (level := _latent_level(d, sizes)) is not None:
+                    r = level
                 else:
                     raise UserError(
                         f"{component}: input {spec['name']!r} has dimension {d!r}; sdrt build knows "

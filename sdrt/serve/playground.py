@@ -14,6 +14,7 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
+from sdrt.runtime.control import CONTROLNET
 from sdrt.runtime.pipeline import DEFAULT_GUIDANCE
 from sdrt.runtime.schedulers import SCHEDULER_NAMES
 from sdrt.serve.errors import ServiceError
@@ -47,7 +48,7 @@ def page_config(service) -> dict:
                       size_multiple=m.size_multiple, max_steps=limits.max_steps, max_images=limits.max_images,
                       max_pixels=limits.max_pixels or 4 * m.default_height * m.default_width)
         config["steps"] = min(PAGE_STEPS, limits.max_steps)
-        config["controlnets"] = [{"name": name, "kind": record.get("kind", "controlnet")}
+        config["controlnets"] = [{"name": name, "kind": record.get("kind", CONTROLNET)}
                                  for name, record in getattr(engine.pipeline, "controlnets", {}).items()]
     return config
 
