@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 from sdrt.errors import UserError
 from sdrt.export.control_sources import ControlSource, adapter_features, fit_record, load_control, unet_adapter_slots
 from sdrt.export.shared_weights import share_weights
+from sdrt.export.steps import _checked_variants
 from sdrt.runtime.control import (CONTROL_IMAGE, CONTROLNET, CONTROLNETS, MID_RESIDUAL, T2I_ADAPTER, UNET_ADAPTER,
                                   UNET_CONTROL, adapter_feature, down_residual, level_dims, level_size)
 from sdrt.runtime.manifest import sha256_files
@@ -184,7 +185,7 @@ def export_controls(sources: Sequence[ControlSource], *, stage: Path, engine: Pa
         del module, model, traced_out
         _release_memory()
         parity = compare(src.component, graph, expected, check_in, out_names)
-        variants = _checked(src.component, variants, data_file, expected, check_in, out_names)
+        variants = _checked_variants(src.component, variants, data_file, expected, check_in, out_names)
         out.components[src.component] = _entry(src.component, spec, graph, data_file, parity, variants, t0, log)
         out.records[src.name] = _record(src, out.components[src.component], ckpt.unet_config)
         out.folders.append(src.component)
@@ -252,12 +253,6 @@ def _export_with_variants(spec, module, model, trace_in, folder: Path, opset: in
         return graph, data_file, {}
 
 
-def _checked(comp, variants, data_file, expected, check_in, names):
-    from sdrt.export.steps import _checked_variants
-
-    return _checked_variants(comp, variants, data_file, expected, check_in, names)
-
-
 def _export_unet_graph(comp, UNetResidualGraph, ckpt, numbers, unet_spec, res_specs, trace_res, check_res,
                        trace_shape, check_shape, vocab, engine: Path, lora_files, opset, cpu_variants, allow_pickle,
                        log):
@@ -302,7 +297,7 @@ def _export_unet_graph(comp, UNetResidualGraph, ckpt, numbers, unet_spec, res_sp
     graph_part = parts[graph]
     parity = compare(comp, graph_part, expected, check, names)
     variants = {k: (parts[p], what) for k, (p, what) in variants.items()}
-    variants = _checked(comp, variants, "model.onnx.data", expected, check, names)
+    variants = _checked_variants(comp, variants, "model.onnx.data", expected, check, names)
     entry = _entry(comp, spec, graph_part, "model.onnx.data", parity, variants, t0, None,
                    base=fit_record(ckpt.unet_config))
     # the manifest names the files they will have once renamed into place
